@@ -1,0 +1,39 @@
+# `make help` lists the targets. Every target sets up .venv first (pinned by requirements.lock).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed-stamp
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# Offline machines keep MNIST beside the checkout; elsewhere the public mirrors serve it.
+MNIST_MIRROR ?= $(if $(wildcard ../shared/mnist),$(abspath ../shared/mnist))
+export MNIST_MIRROR
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint plots clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -c requirements.lock -e '.[dev]'
+	@touch $@
+
+install: $(STAMP) ## Create .venv if missing and install the project, pinned
+
+run: install ## Run the whole pipeline (dvc repro) on the defaults, then summarise
+	dvc repro
+	mnist-pipeline summary
+
+test: install ## Run the test suite
+	pytest
+
+lint: install ## ruff and mypy
+	ruff check . && ruff format --check . && mypy
+
+plots: install ## Render the DVC plots to dvc_plots/index.html
+	dvc plots show
+
+clean: ## Remove pipeline outputs (not .venv, not the DVC cache)
+	rm -rf data models metrics plots .ray_results dvc_plots

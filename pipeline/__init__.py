@@ -1,0 +1,1 @@
+"""mnist-pipeline: versioned MNIST data, distributed training, tracking and serving."""

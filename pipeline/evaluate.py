@@ -1,0 +1,96 @@
+"""Evaluate stage: test-set loss and accuracy, per-class accuracy, confusion matrix."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from pipeline.artifact import load_model
+from pipeline.config import ModelName, Params
+from pipeline.data import CLASSES, SplitArrays, open_prepared
+from pipeline.io import write_json, write_text
+from pipeline.models.module import to_unit_float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    per_class_accuracy: dict[str, float]
+    confusion: np.ndarray  # (true, predicted) counts
+    predictions: np.ndarray  # predicted digit per test image
+    probabilities: np.ndarray  # (N, 10)
+
+    def metrics(self) -> dict[str, object]:
+        """What `metrics/<name>.json` holds."""
+        return {
+            "test": {
+                "accuracy": round(self.accuracy, 6),
+                "loss": round(self.loss, 6),
+                "per_class_accuracy": {k: round(v, 6) for k, v in self.per_class_accuracy.items()},
+            }
+        }
+
+
+@torch.no_grad()
+def predict_proba(net: nn.Module, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Class probabilities for uint8 images (N, 28, 28)."""
+    net.eval()
+    outputs = [
+        F.softmax(net(to_unit_float(torch.from_numpy(images[i : i + batch_size]))), dim=1)
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(outputs).numpy()
+
+
+def evaluate(net: nn.Module, test: SplitArrays, batch_size: int = 1000) -> Evaluation:
+    """Score `net` on `test`."""
+    probabilities = predict_proba(net, test.images, batch_size)
+    labels = test.labels.astype(np.int64)
+    predictions = probabilities.argmax(axis=1)
+    picked = probabilities[np.arange(len(labels)), labels]
+    loss = float(-np.log(np.clip(picked, 1e-12, None)).mean())
+    confusion = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    support = confusion.sum(axis=1)
+    per_class = {
+        digit: float(confusion[i, i] / support[i]) if support[i] else float("nan")
+        for i, digit in enumerate(CLASSES)
+    }
+    return Evaluation(
+        loss=loss,
+        accuracy=float((predictions == labels).mean()),
+        per_class_accuracy=per_class,
+        confusion=confusion,
+        predictions=predictions,
+        probabilities=probabilities,
+    )
+
+
+def confusion_csv(labels: np.ndarray, predictions: np.ndarray) -> str:
+    """One row per test image, the form DVC's confusion template reads."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(zip(labels.tolist(), predictions.tolist(), strict=True))
+    return buffer.getvalue()
+
+
+def run(params: Params, name: ModelName) -> Evaluation:
+    """The stage: score `models/<name>` on the test split; write metrics and the confusion plot."""
+    net, _ = load_model(Path(params.paths.models) / name)
+    test = open_prepared(Path(params.paths.prepared)).load("test")
+    result = evaluate(net, test, params.evaluate.batch_size)
+    write_json(Path(params.paths.metrics) / f"{name}.json", result.metrics())
+    write_text(
+        Path(params.paths.plots) / name / "confusion.csv",
+        confusion_csv(test.labels, result.predictions),
+    )
+    return result

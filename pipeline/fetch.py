@@ -1,0 +1,162 @@
+"""Fetch stage: download the four MNIST files from a list of mirrors, verified by SHA-256."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.request
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from pipeline.config import Params
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# SHA-256 of the decompressed IDX files: what the pipeline trusts, whatever the mirror.
+MNIST_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+_CHUNK = 1 << 16
+
+
+class FetchError(RuntimeError):
+    """No mirror gave a verified copy of a file; the message lists every attempt."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    source: str
+    problem: str
+
+
+def _is_url(mirror: str) -> bool:
+    return urlparse(mirror).scheme in {"http", "https", "ftp", "file"}
+
+
+def _candidates(mirror: str, name: str) -> list[str]:
+    """Places a mirror may hold `name`: gzipped first, as the public mirrors serve it."""
+    if _is_url(mirror):
+        base = mirror if mirror.endswith("/") else mirror + "/"
+        return [f"{base}{name}.gz", f"{base}{name}"]
+    folder = Path(mirror).expanduser()
+    return [str(folder / f"{name}.gz"), str(folder / name)]
+
+
+def _download(source: str, target: Path, timeout_s: float) -> None:
+    """Copy `source` (URL or path) to `target`, with a progress bar."""
+    if _is_url(source):
+        request = urllib.request.Request(source, headers={"User-Agent": "mnist-pipeline"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            _copy_with_progress(response, target, total, source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError("no such file")
+        with path.open("rb") as stream:
+            _copy_with_progress(stream, target, path.stat().st_size, source)
+
+
+def _copy_with_progress(stream, target: Path, total: int | None, label: str) -> None:  # type: ignore[no-untyped-def]
+    with (
+        target.open("wb") as out,
+        tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=Path(urlparse(label).path).name,
+            leave=False,
+            disable=None,
+        ) as bar,
+    ):
+        while chunk := stream.read(_CHUNK):
+            out.write(chunk)
+            bar.update(len(chunk))
+
+
+def _decompress_and_hash(downloaded: Path, gzipped: bool, target: Path) -> str:
+    """Write the decompressed bytes of `downloaded` to `target`; return their SHA-256."""
+    digest = hashlib.sha256()
+    opener = gzip.open if gzipped else open
+    with opener(downloaded, "rb") as src, target.open("wb") as out:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def fetch_file(name: str, mirrors: Iterable[str], out_dir: Path, timeout_s: float = 30.0) -> Path:
+    """Fetch one verified IDX file into `out_dir`; nothing is left there on failure."""
+    expected = MNIST_FILES[name]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    attempts: list[Attempt] = []
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".fetch-") as tmp:
+        staged = Path(tmp) / name
+        for mirror in mirrors:
+            for source in _candidates(mirror, name):
+                downloaded = Path(tmp) / "download"
+                try:
+                    _download(source, downloaded, timeout_s)
+                    actual = _decompress_and_hash(downloaded, source.endswith(".gz"), staged)
+                except (OSError, EOFError, zlib.error) as error:
+                    attempts.append(Attempt(source, _describe(error)))
+                    continue
+                if actual != expected:
+                    attempts.append(
+                        Attempt(source, f"SHA-256 mismatch: expected {expected}, got {actual}")
+                    )
+                    continue
+                final = out_dir / name
+                os.replace(staged, final)
+                log.info("%s verified from %s", name, source)
+                return final
+    tried = "\n".join(f"  - {a.source}: {a.problem}" for a in attempts) or "  (no mirrors)"
+    raise FetchError(f"could not fetch a verified copy of {name}; tried:\n{tried}")
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, gzip.BadGzipFile | EOFError | zlib.error):
+        return f"broken gzip data ({error or 'truncated'})"
+    if isinstance(error, FileNotFoundError):
+        return "not found"
+    return f"{type(error).__name__}: {error}"
+
+
+def mirror_list(configured: list[str], env_mirror: str | None) -> list[str]:
+    """The environment's mirror first, then the configured ones."""
+    return ([env_mirror] if env_mirror else []) + [m for m in configured if m != env_mirror]
+
+
+def fetch_all(mirrors: list[str], out_dir: Path, timeout_s: float = 30.0) -> list[Path]:
+    """Fetch all four files; on any failure, remove what this call fetched before raising."""
+    fetched: list[Path] = []
+    try:
+        for name in MNIST_FILES:
+            fetched.append(fetch_file(name, mirrors, out_dir, timeout_s))
+    except BaseException:
+        for path in fetched:
+            path.unlink(missing_ok=True)
+        raise
+    for stray in out_dir.iterdir():
+        if stray.name not in MNIST_FILES:
+            shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
+    return fetched
+
+
+def run(params: Params, settings: Settings) -> list[Path]:
+    """The stage: every configured mirror, `MNIST_MIRROR` first, into `paths.raw`."""
+    mirrors = mirror_list(params.fetch.mirrors, settings.mnist_mirror)
+    return fetch_all(mirrors, Path(params.paths.raw), params.fetch.timeout_s)

@@ -1,0 +1,44 @@
+"""Atomic file output: readers see the old content or the new, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it over `target` if the block succeeds.
+
+    Works for files and folders alike: the block creates whichever it wants at the yielded path.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    staged = tmp_root / target.name
+    try:
+        yield staged
+        if target.is_dir() and not target.is_symlink():
+            # A folder cannot be renamed over a non-empty one: move the old aside first.
+            old = tmp_root / ".old"
+            os.replace(target, old)
+        os.replace(staged, target)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text`, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

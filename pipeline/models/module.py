@@ -1,0 +1,84 @@
+"""One LightningModule for every network: loss, metrics, optimiser and schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from pipeline.config import OptimConfig
+from pipeline.models.networks import NUM_CLASSES
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]: the networks' input contract."""
+    return images.unsqueeze(1).to(torch.float32).div_(255.0)
+
+
+def random_affine(images: torch.Tensor) -> torch.Tensor:
+    """Small random rotations, scalings and shifts, as handwriting varies (float input)."""
+    n = images.shape[0]
+    angle = (torch.rand(n, device=images.device) * 2 - 1) * 0.17  # about 10 degrees
+    scale = 1 + (torch.rand(n, device=images.device) * 2 - 1) * 0.1
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0] = scale * torch.cos(angle)
+    theta[:, 0, 1] = -scale * torch.sin(angle)
+    theta[:, 1, 0] = scale * torch.sin(angle)
+    theta[:, 1, 1] = scale * torch.cos(angle)
+    theta[:, :, 2] = (torch.rand(n, 2, device=images.device) * 2 - 1) * 0.15  # about 2 pixels
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+
+
+class Classifier(pl.LightningModule):
+    """Trains any digit network; logs `train/loss`, `val/loss`, `val/accuracy`, `test/*`."""
+
+    def __init__(self, net: nn.Module, optim: OptimConfig) -> None:
+        super().__init__()
+        self.save_hyperparameters({"optim": optim.model_dump()})
+        self.net = net
+        self.optim = optim
+        self.val_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        x = to_unit_float(images)
+        if self.optim.augment:
+            x = random_affine(x)
+        loss = F.cross_entropy(self(x), labels, label_smoothing=self.optim.label_smoothing)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def _evaluate(self, batch: Batch, split: str, accuracy: MulticlassAccuracy) -> None:
+        images, labels = batch
+        logits = self(to_unit_float(images))
+        accuracy(logits, labels)
+        self.log(f"{split}/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.log(f"{split}/accuracy", accuracy, on_epoch=True)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_accuracy)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_accuracy)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.optim.lr, weight_decay=self.optim.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=self.optim.lr,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

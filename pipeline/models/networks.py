@@ -1,0 +1,86 @@
+"""The MLP and CNN as plain `nn.Module`s, sized by params; each normalises its own input.
+
+Input contract: float32 images in [0, 1], shape (N, 28, 28) or (N, 1, 28, 28).
+Output: logits (N, 10).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import CNNNetConfig, MLPNetConfig, ModelName
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+
+
+class Normalize(nn.Module):
+    """Standardise raw [0, 1] pixels with the training set's statistics (kept as buffers)."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        return (x - self.mean) / self.std
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MLPNetConfig, mean: float, std: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [Normalize(mean, std), nn.Flatten()]
+        width = IMAGE_SIZE * IMAGE_SIZE
+        for hidden in config.hidden_sizes:
+            layers += [
+                nn.Linear(width, hidden, bias=False),
+                nn.BatchNorm1d(hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(config.dropout),
+            ]
+            width = hidden
+        layers.append(nn.Linear(width, NUM_CLASSES))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class CNN(nn.Module):
+    """Conv-BN-ReLU-pool blocks: pooling early keeps it cheap on a CPU."""
+
+    def __init__(self, config: CNNNetConfig, mean: float, std: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [Normalize(mean, std)]
+        channels, size = 1, IMAGE_SIZE
+        for width in config.channels:
+            layers += [
+                nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels, size = width, size // 2
+        layers += [
+            nn.Flatten(),
+            nn.Dropout(config.dropout),
+            nn.Linear(channels * size * size, NUM_CLASSES),
+        ]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def build_network(
+    kind: ModelName, net: MLPNetConfig | CNNNetConfig, mean: float, std: float
+) -> nn.Module:
+    """The network of `kind` from its config and normalisation constants."""
+    if kind == "mlp" and isinstance(net, MLPNetConfig):
+        return MLP(net, mean, std)
+    if kind == "cnn" and isinstance(net, CNNNetConfig):
+        return CNN(net, mean, std)
+    raise ValueError(f"network config {type(net).__name__} does not build a {kind!r} model")

@@ -1,0 +1,16 @@
+"""Environment configuration (addresses, mirrors, secrets): never in params.yaml."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Read from the environment; each field is the upper-case variable of its name."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    mnist_mirror: str | None = None
+    """A folder or URL tried before the mirrors of params.yaml."""
+    ray_address: str | None = None
+    """Join this Ray cluster; unset starts a local Ray for the run."""

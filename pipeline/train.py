@@ -1,0 +1,260 @@
+"""Train stage: Lightning on Ray Train workers; the best checkpoint becomes `models/<name>/`.
+
+The Ray glue lives here alone: `worker_loop` runs on every worker, `train_model` is the
+driver that sizes and starts them. Nothing else in the package knows it runs on Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.lightning import (
+    RayDDPStrategy,
+    RayLightningEnvironment,
+    RayTrainReportCallback,
+    prepare_trainer,
+)
+from ray.train.torch import TorchConfig, TorchTrainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline.artifact import ModelSpec, save_model, state_dict_from_lightning
+from pipeline.config import ModelName, Params, ParamsError, parse_params
+from pipeline.data import SplitArrays, open_prepared
+from pipeline.io import write_text
+from pipeline.models.module import Classifier
+from pipeline.models.networks import build_network
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val/accuracy"
+HISTORY_COLUMNS = ("epoch", "train/loss", "val/loss", "val/accuracy")
+EVAL_BATCH = 1000
+
+
+class EpochHistory(pl.Callback):
+    """Per-epoch metrics and per-rank sample counts, kept in the checkpoint so resumes keep them.
+
+    Must precede `RayTrainReportCallback`: the counts it logs are part of each report.
+    """
+
+    def __init__(self, total_epochs: int) -> None:
+        self.total_epochs = total_epochs
+        self.rows: list[dict[str, float]] = []
+        self._samples = 0
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._samples = 0
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(  # type: ignore[override]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._samples += len(batch[1])
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counts = pl_module.all_gather(torch.tensor(self._samples, device=pl_module.device))
+        per_rank = [float(c) for c in counts.reshape(-1).tolist()]
+        # Already global after all_gather; "max" only tells Lightning so.
+        for rank, count in enumerate(per_rank):
+            pl_module.log(f"train/samples_rank{rank}", count, sync_dist=True, reduce_fx="max")
+        pl_module.log("train/samples", sum(per_rank), sync_dist=True, reduce_fx="max")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {"epoch": float(trainer.current_epoch)} | metrics
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            log.info(
+                "epoch %d/%d  train/loss %.4f  val/loss %.4f  val/accuracy %.4f  (%.1f s)",
+                trainer.current_epoch + 1,
+                self.total_epochs,
+                row.get("train/loss", float("nan")),
+                row.get("val/loss", float("nan")),
+                row.get("val/accuracy", float("nan")),
+                time.perf_counter() - self._started,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
+
+
+def _dataset(arrays: SplitArrays) -> TensorDataset:
+    return TensorDataset(torch.from_numpy(arrays.images), torch.from_numpy(arrays.labels).long())
+
+
+def worker_loop(config: dict[str, Any]) -> list[dict[str, float]]:
+    """Runs on each Ray worker: validate params again, train this worker's shard with DDP."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    params = parse_params(config["params"], "params (on a Ray worker)")
+    name: ModelName = config["model"]
+    use_gpu: bool = config["use_gpu"]
+    scaling = params.train.scaling
+    model_config = params.train.model(name)
+    torch.set_num_threads(scaling.cpus_per_worker)
+    pl.seed_everything(params.seed, workers=True, verbose=False)
+
+    data = open_prepared(Path(config["data_folder"]))
+    net = build_network(name, model_config.net, data.normalization.mean, data.normalization.std)
+    module = Classifier(net, model_config)
+    # Lightning swaps in a DistributedSampler: each worker sees 1/num_workers of the split.
+    per_worker_batch = model_config.batch_size // scaling.num_workers
+    train_loader = DataLoader(_dataset(data.load("train")), batch_size=per_worker_batch, shuffle=True)
+    val_loader = DataLoader(_dataset(data.load("val")), batch_size=EVAL_BATCH)
+
+    history = EpochHistory(model_config.epochs)
+    trainer = pl.Trainer(
+        max_epochs=model_config.epochs,
+        accelerator="gpu" if use_gpu else "cpu",
+        devices="auto",
+        precision="bf16-mixed" if use_gpu else "32-true",
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        callbacks=[history, RayTrainReportCallback()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        num_sanity_val_steps=0,
+    )
+    trainer = prepare_trainer(trainer)
+    resume = ray.train.get_checkpoint()
+    if resume is None:
+        trainer.fit(module, train_loader, val_loader)
+    else:
+        with resume.as_directory() as folder:
+            log.info("resuming from %s", resume.path)
+            ckpt = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt))
+    return history.rows
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Join the cluster at `address`, or start a local Ray sized to this machine for the block."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def resolve_scaling(params: Params) -> tuple[ScalingConfig, bool]:
+    """Ray's ScalingConfig from params, checked against what the cluster has."""
+    scaling = params.train.scaling
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    use_gpu = gpus >= 1 if scaling.use_gpu == "auto" else scaling.use_gpu
+    if use_gpu and gpus < scaling.num_workers:
+        raise ParamsError(
+            f"train.scaling.use_gpu: {scaling.num_workers} workers need one GPU each, "
+            f"the Ray cluster has {gpus:g}"
+        )
+    needed = scaling.num_workers * scaling.cpus_per_worker
+    if needed > cpus:
+        raise ParamsError(
+            f"train.scaling: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs "
+            f"= {needed} CPUs, the Ray cluster has {cpus:g}"
+        )
+    per_worker = {"CPU": float(scaling.cpus_per_worker)} | ({"GPU": 1.0} if use_gpu else {})
+    config = ScalingConfig(
+        num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
+    )
+    return config, use_gpu
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    model_file: Path
+    spec: ModelSpec
+    history: list[dict[str, float]]
+    run_path: str
+
+
+def history_csv(history: list[dict[str, float]]) -> str:
+    """The curves DVC plots: one row per epoch."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: int(row[k]) if k == "epoch" else f"{row[k]:.6f}" for k in HISTORY_COLUMNS})
+    return buffer.getvalue()
+
+
+def train_model(
+    params: Params, name: ModelName, settings: Settings, run_name: str | None = None
+) -> TrainOutcome:
+    """Train `name` on Ray workers, export its best checkpoint; return where it went."""
+    paths = params.paths
+    data = open_prepared(Path(paths.prepared))
+    run_name = run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with ray_session(settings.ray_address):
+        scaling, use_gpu = resolve_scaling(params)
+        log.info(
+            "training %s on %d Ray worker(s), %d CPU(s)%s each",
+            name,
+            scaling.num_workers,
+            params.train.scaling.cpus_per_worker,
+            " + 1 GPU" if use_gpu else "",
+        )
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config={
+                "params": params.model_dump(mode="json"),
+                "model": name,
+                "use_gpu": use_gpu,
+                "data_folder": str(Path(paths.prepared).resolve()),
+            },
+            scaling_config=scaling,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=str(Path(params.train.storage_path).resolve()),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max"
+                ),
+                failure_config=FailureConfig(max_failures=params.train.max_failures),
+            ),
+        )
+        result = trainer.fit()
+
+    history: list[dict[str, float]] = result.return_value or []
+    best = result.get_best_checkpoint(MONITOR, "max")
+    if best is None:
+        raise RuntimeError(f"training {name} reported no checkpoint (run at {result.path})")
+    with best.as_directory() as folder:
+        state, epoch = state_dict_from_lightning(Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME)
+    best_row = next(row for row in history if int(row["epoch"]) == epoch)
+    spec = ModelSpec.describe(
+        name,
+        params.train.model(name).net,
+        data.normalization,
+        data.digest,
+        epoch=epoch,
+        val_accuracy=best_row[MONITOR],
+    )
+    net = spec.build()
+    net.load_state_dict(state)
+    model_file = save_model(Path(paths.models) / name, net, spec)
+    write_text(Path(paths.plots) / name / "history.csv", history_csv(history))
+    return TrainOutcome(model_file, spec, history, result.path)
