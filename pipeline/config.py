@@ -32,7 +32,8 @@ class ParamsError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `epochs: true` or `lr: "0.1"` are mistakes, not values to coerce.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class PathsConfig(StrictModel):
@@ -59,9 +60,7 @@ class PrepareConfig(StrictModel):
     def _val_smaller_than_train(cls, val_size: int, info: ValidationInfo) -> int:
         available = info.data.get("train_limit") or MNIST_TRAIN_SIZE
         if val_size >= available:
-            raise ValueError(
-                f"must be smaller than the training images available ({available})"
-            )
+            raise ValueError(f"must be smaller than the training images available ({available})")
         return val_size
 
 
@@ -149,18 +148,23 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for item in error.errors():
         path = ".".join(str(part) for part in item["loc"]) or "<root>"
-        got = "" if item["type"] == "missing" else f" (got {item.get('input')!r})"
+        value = item.get("input")
+        shown = item["type"] != "missing" and not isinstance(value, dict | list)
+        got = f" (got {value!r})" if shown else ""
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             lines.append(f"  {path}: unknown key")
         else:
-            lines.append(f"  {path}: {item['msg']}{got}")
+            lines.append(f"  {path}: {message}{got}")
     return "\n".join(lines)
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:
     """Validate a params mapping; raise `ParamsError` naming every bad key."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ParamsError(
+            f"{source}: expected a mapping at the top level, got {type(raw).__name__}"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as error:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
-import shutil
 import tempfile
 import urllib.request
 import zlib
@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from pipeline.config import Params
+from pipeline.io import atomic_path
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def fetch_file(name: str, mirrors: Iterable[str], out_dir: Path, timeout_s: floa
                 try:
                     _download(source, downloaded, timeout_s)
                     actual = _decompress_and_hash(downloaded, source.endswith(".gz"), staged)
-                except (OSError, EOFError, zlib.error) as error:
+                except (OSError, EOFError, zlib.error, http.client.HTTPException) as error:
                     attempts.append(Attempt(source, _describe(error)))
                     continue
                 if actual != expected:
@@ -129,31 +130,23 @@ def fetch_file(name: str, mirrors: Iterable[str], out_dir: Path, timeout_s: floa
 
 def _describe(error: BaseException) -> str:
     if isinstance(error, gzip.BadGzipFile | EOFError | zlib.error):
-        return f"broken gzip data ({error or 'truncated'})"
+        return f"broken gzip data ({str(error) or 'truncated'})"
     if isinstance(error, FileNotFoundError):
         return "not found"
     return f"{type(error).__name__}: {error}"
 
 
 def mirror_list(configured: list[str], env_mirror: str | None) -> list[str]:
-    """The environment's mirror first, then the configured ones."""
-    return ([env_mirror] if env_mirror else []) + [m for m in configured if m != env_mirror]
+    """The environment's mirror first, then the configured ones, each once."""
+    return list(dict.fromkeys([m for m in (env_mirror, *configured) if m]))
 
 
 def fetch_all(mirrors: list[str], out_dir: Path, timeout_s: float = 30.0) -> list[Path]:
-    """Fetch all four files; on any failure, remove what this call fetched before raising."""
-    fetched: list[Path] = []
-    try:
+    """Fetch all four files; they replace `out_dir`'s content only once every one is verified."""
+    with atomic_path(out_dir) as staged:
         for name in MNIST_FILES:
-            fetched.append(fetch_file(name, mirrors, out_dir, timeout_s))
-    except BaseException:
-        for path in fetched:
-            path.unlink(missing_ok=True)
-        raise
-    for stray in out_dir.iterdir():
-        if stray.name not in MNIST_FILES:
-            shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
-    return fetched
+            fetch_file(name, mirrors, staged, timeout_s)
+    return [out_dir / name for name in MNIST_FILES]
 
 
 def run(params: Params, settings: Settings) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def parse_idx(data: bytes, ndim: int, source: str = "<bytes>") -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", data[4:header])
     if any(size == 0 for size in shape):
         raise IdxError(f"{source}: empty dimension in shape {shape}")
-    expected = header + int(np.prod(shape))
+    expected = header + math.prod(shape)
     if len(data) != expected:
         problem = "truncated" if len(data) < expected else "has trailing bytes"
         raise IdxError(

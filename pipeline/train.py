@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
+import lightning.pytorch as pl
 import ray
 import ray.train
 import torch
@@ -62,13 +62,19 @@ class EpochHistory(pl.Callback):
         self._samples = 0
         self._started = time.perf_counter()
 
-    def on_train_batch_end(  # type: ignore[override]
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         self._samples += len(batch[1])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         counts = pl_module.all_gather(torch.tensor(self._samples, device=pl_module.device))
+        assert isinstance(counts, torch.Tensor)
         per_rank = [float(c) for c in counts.reshape(-1).tolist()]
         # Already global after all_gather; "max" only tells Lightning so.
         for rank, count in enumerate(per_rank):
@@ -116,7 +122,9 @@ def worker_loop(config: dict[str, Any]) -> list[dict[str, float]]:
     module = Classifier(net, model_config)
     # Lightning swaps in a DistributedSampler: each worker sees 1/num_workers of the split.
     per_worker_batch = model_config.batch_size // scaling.num_workers
-    train_loader = DataLoader(_dataset(data.load("train")), batch_size=per_worker_batch, shuffle=True)
+    train_loader = DataLoader(
+        _dataset(data.load("train")), batch_size=per_worker_batch, shuffle=True
+    )
     val_loader = DataLoader(_dataset(data.load("val")), batch_size=EVAL_BATCH)
 
     history = EpochHistory(model_config.epochs)
@@ -197,7 +205,9 @@ def history_csv(history: list[dict[str, float]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: int(row[k]) if k == "epoch" else f"{row[k]:.6f}" for k in HISTORY_COLUMNS})
+        writer.writerow(
+            {k: int(row[k]) if k == "epoch" else f"{row[k]:.6f}" for k in HISTORY_COLUMNS}
+        )
     return buffer.getvalue()
 
 
@@ -218,7 +228,7 @@ def train_model(
             " + 1 GPU" if use_gpu else "",
         )
         trainer = TorchTrainer(
-            worker_loop,
+            worker_loop,  # type: ignore[arg-type]  # Ray hands rank 0's return value back
             train_loop_config={
                 "params": params.model_dump(mode="json"),
                 "model": name,
@@ -238,12 +248,14 @@ def train_model(
         )
         result = trainer.fit()
 
-    history: list[dict[str, float]] = result.return_value or []
+    history: list[dict[str, float]] = result.return_value or []  # type: ignore[attr-defined]
     best = result.get_best_checkpoint(MONITOR, "max")
     if best is None:
         raise RuntimeError(f"training {name} reported no checkpoint (run at {result.path})")
     with best.as_directory() as folder:
-        state, epoch = state_dict_from_lightning(Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME)
+        state, epoch = state_dict_from_lightning(
+            Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
+        )
     best_row = next(row for row in history if int(row["epoch"]) == epoch)
     spec = ModelSpec.describe(
         name,

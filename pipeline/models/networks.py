@@ -18,6 +18,9 @@ IMAGE_SIZE = 28
 class Normalize(nn.Module):
     """Standardise raw [0, 1] pixels with the training set's statistics (kept as buffers)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: float, std: float) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))

@@ -1,0 +1,81 @@
+"""The DVC pipeline end to end, in a temporary copy of the repo, on a small profile."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, SMALL, raw_params, with_overrides
+
+
+def _copy_repo(target: Path) -> None:
+    """The tracked files (what a fresh clone has), as a new git repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    subprocess.run(["git", "init", "-q"], cwd=target, check=True)
+
+
+def _dvc(repo: Path, *args: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path: Path, mirror: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repo(repo)
+    params = with_overrides(raw_params(), SMALL | {"train.mlp.epochs": 2, "train.cnn.epochs": 2})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = os.environ | {
+        "MNIST_MIRROR": str(mirror),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("RAY_ADDRESS", None)
+
+    first = _dvc(repo, "repro", env=env)
+    for stage in ("fetch", "prepare", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn"):
+        assert f"Running stage '{stage}'" in first
+    for name in ("mlp", "cnn"):
+        test = json.loads((repo / "metrics" / f"{name}.json").read_text())["test"]
+        assert test["accuracy"] > 0.8, f"{name}: {test}"
+        assert (repo / "models" / name / "model.pt").is_file()
+    data_report = json.loads((repo / "metrics" / "data.json").read_text())
+    assert data_report["train"]["total"] == SMALL["prepare.train_limit"] - SMALL["prepare.val_size"]
+
+    second = _dvc(repo, "repro", env=env)
+    assert "Running stage" not in second
+    assert "Data and pipelines are up to date" in second
+
+    shown = _dvc(repo, "metrics", "show", "--json", env=env)
+    assert "test.accuracy" in shown or '"accuracy"' in shown
+
+    # `dvc exp run -S` overrides a param and reruns exactly the stages that read it.
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True, capture_output=True)
+    experiment = _dvc(repo, "exp", "run", "-S", "train.mlp.lr=0.002", env=env)
+    assert "Running stage 'train@mlp'" in experiment
+    assert "Running stage 'evaluate@mlp'" in experiment
+    assert "Running stage 'train@cnn'" not in experiment
+    assert "Running stage 'prepare'" not in experiment

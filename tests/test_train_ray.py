@@ -1,0 +1,84 @@
+"""Ray Train: a real 2-worker CPU run on a real subset."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from ray.train import Result
+from ray.train.lightning import RayTrainReportCallback
+
+from pipeline.artifact import load_model, state_dict_from_lightning
+from pipeline.config import Params, ParamsError
+from pipeline.data import open_prepared
+from pipeline.evaluate import predict_proba
+from pipeline.settings import Settings
+from pipeline.train import train_model
+from tests.conftest import small_params
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local 2-CPU Ray for the module; train_model joins it instead of starting its own."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_workers_shard_checkpoint_and_export(params: Params, local_ray: None) -> None:
+    outcome = train_model(params, "mlp", Settings(), run_name="test-mlp")
+    train_size = open_prepared(Path(params.paths.prepared)).sizes["train"]
+    assert train_size == params.prepare.train_limit - params.prepare.val_size  # type: ignore[operator]
+
+    # Every epoch: each worker saw its own half, together exactly the split.
+    assert [int(row["epoch"]) for row in outcome.history] == list(range(params.train.mlp.epochs))
+    for row in outcome.history:
+        assert row["train/samples_rank0"] == row["train/samples_rank1"] == train_size / 2
+        assert row["train/samples"] == train_size
+    assert outcome.spec.val_accuracy > 0.8
+    assert outcome.spec.val_accuracy == max(row["val/accuracy"] for row in outcome.history)
+
+    # The best Ray checkpoint reloads to the same predictions as the exported model.
+    best = Result.from_path(outcome.run_path).get_best_checkpoint("val/accuracy", "max")
+    assert best is not None
+    with best.as_directory() as folder:
+        state, epoch = state_dict_from_lightning(
+            Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
+        )
+    assert epoch == outcome.spec.epoch
+    from_checkpoint = outcome.spec.build()
+    from_checkpoint.load_state_dict(state)
+    exported, spec = load_model(Path(params.paths.models) / "mlp")
+    assert spec.data_digest == open_prepared(Path(params.paths.prepared)).digest
+    test_images = open_prepared(Path(params.paths.prepared)).load("test").images
+    np.testing.assert_array_equal(
+        predict_proba(from_checkpoint, test_images), predict_proba(exported, test_images)
+    )
+
+    with (Path(params.paths.plots) / "mlp" / "history.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [float(r["val/accuracy"]) for r in rows] == pytest.approx(
+        [row["val/accuracy"] for row in outcome.history], abs=1e-6
+    )
+
+
+def test_more_cpus_than_the_cluster_has_fails_before_training(
+    data_root: Path, tmp_path: Path, local_ray: None
+) -> None:
+    params = small_params(
+        data_root,
+        **{
+            "train.scaling.num_workers": 4,
+            "paths.models": str(tmp_path / "models"),
+            "train.storage_path": str(tmp_path / "ray"),
+        },
+    )
+    with pytest.raises(ParamsError, match=r"train.scaling: 4 workers x 1 CPUs = 4 CPUs.*has 2"):
+        train_model(params, "mlp", Settings())
+    assert not (tmp_path / "models").exists()
+    assert not (tmp_path / "ray").exists()
