@@ -47,7 +47,7 @@ EVAL_BATCH = 1000
 
 
 class EpochHistory(pl.Callback):
-    """Per-epoch metrics and per-rank sample counts, kept in the checkpoint so resumes keep them.
+    """Per-epoch metrics, per-rank sample counts and the runtime; history survives resumes.
 
     Must precede `RayTrainReportCallback`: the counts it logs are part of each report.
     """
@@ -55,8 +55,19 @@ class EpochHistory(pl.Callback):
     def __init__(self, total_epochs: int) -> None:
         self.total_epochs = total_epochs
         self.rows: list[dict[str, float]] = []
+        self.runtime: dict[str, Any] = {}
         self._samples = 0
         self._started = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        distributed = torch.distributed.is_initialized()
+        self.runtime = {
+            "backend": torch.distributed.get_backend() if distributed else "none",
+            "precision": str(trainer.precision),
+            "device": str(pl_module.device),
+            "world_size": trainer.world_size,
+            "torch_threads": torch.get_num_threads(),
+        }
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._samples = 0
@@ -105,8 +116,11 @@ def _dataset(arrays: SplitArrays) -> TensorDataset:
     return TensorDataset(torch.from_numpy(arrays.images), torch.from_numpy(arrays.labels).long())
 
 
-def worker_loop(config: dict[str, Any]) -> list[dict[str, float]]:
-    """Runs on each Ray worker: validate params again, train this worker's shard with DDP."""
+def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs on each Ray worker: validate params again, train this worker's shard with DDP.
+
+    Returns (rank 0's reaches the driver) the epoch history and the runtime actually used.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     params = parse_params(config["params"], "params (on a Ray worker)")
@@ -151,7 +165,7 @@ def worker_loop(config: dict[str, Any]) -> list[dict[str, float]]:
             log.info("resuming from %s", resume.path)
             ckpt = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt))
-    return history.rows
+    return {"history": history.rows, "runtime": history.runtime}
 
 
 @contextmanager
@@ -196,6 +210,7 @@ class TrainOutcome:
     model_file: Path
     spec: ModelSpec
     history: list[dict[str, float]]
+    runtime: dict[str, Any]
     run_path: str
 
 
@@ -247,8 +262,10 @@ def train_model(
             ),
         )
         result = trainer.fit()
+    log.info("workers ran with %s", result.return_value["runtime"])  # type: ignore[attr-defined]
 
-    history: list[dict[str, float]] = result.return_value or []  # type: ignore[attr-defined]
+    returned: dict[str, Any] = result.return_value  # type: ignore[attr-defined]
+    history: list[dict[str, float]] = returned["history"]
     best = result.get_best_checkpoint(MONITOR, "max")
     if best is None:
         raise RuntimeError(f"training {name} reported no checkpoint (run at {result.path})")
@@ -269,4 +286,4 @@ def train_model(
     net.load_state_dict(state)
     model_file = save_model(Path(paths.models) / name, net, spec)
     write_text(Path(paths.plots) / name / "history.csv", history_csv(history))
-    return TrainOutcome(model_file, spec, history, result.path)
+    return TrainOutcome(model_file, spec, history, returned["runtime"], result.path)

@@ -41,6 +41,10 @@ def test_two_workers_shard_checkpoint_and_export(params: Params, local_ray: None
         assert row["train/samples_rank0"] == row["train/samples_rank1"] == train_size / 2
         assert row["train/samples"] == train_size
     assert outcome.spec.val_accuracy > 0.8
+    assert outcome.runtime["backend"] == "gloo"
+    assert outcome.runtime["precision"] == "32-true"
+    assert outcome.runtime["torch_threads"] == params.train.scaling.cpus_per_worker
+    assert outcome.runtime["world_size"] == 2
     assert outcome.spec.val_accuracy == max(row["val/accuracy"] for row in outcome.history)
 
     # The best Ray checkpoint reloads to the same predictions as the exported model.
