@@ -9,7 +9,7 @@ MNIST_MIRROR ?= $(if $(wildcard ../shared/mnist),$(abspath ../shared/mnist))
 export MNIST_MIRROR
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint plots clean
+.PHONY: help install run test lint plots clean ui
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -37,3 +37,6 @@ plots: install ## Render the DVC plots to dvc_plots/index.html
 
 clean: ## Remove pipeline outputs (not .venv, not the DVC cache)
 	rm -rf data models metrics plots .ray_results dvc_plots
+
+ui: install ## Browse the MLflow UI of the embedded store (http://127.0.0.1:5000)
+	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000

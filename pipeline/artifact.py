@@ -32,6 +32,7 @@ class ModelSpec(StrictModel):
     data_digest: str
     epoch: int
     val_accuracy: float
+    run_id: str | None = None  # the MLflow run that trained it
 
     def net_config(self) -> MLPNetConfig | CNNNetConfig:
         return TypeAdapter(_NET_CONFIGS[self.kind]).validate_python(self.net)
@@ -49,6 +50,7 @@ class ModelSpec(StrictModel):
         data_digest: str,
         epoch: int,
         val_accuracy: float,
+        run_id: str | None = None,
     ) -> ModelSpec:
         return cls(
             kind=kind,
@@ -58,6 +60,7 @@ class ModelSpec(StrictModel):
             data_digest=data_digest,
             epoch=epoch,
             val_accuracy=val_accuracy,
+            run_id=run_id,
         )
 
 

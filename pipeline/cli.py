@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
+from mlflow.exceptions import MlflowException
 
 from pipeline.config import DEFAULT_PARAMS_FILE, MODEL_NAMES, ModelName, Params, load_params
 from pipeline.settings import Settings
@@ -39,7 +41,7 @@ def _fail_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileNotFoundError, RuntimeError) as error:
+        except (ValueError, FileNotFoundError, RuntimeError, MlflowException) as error:
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
 
@@ -54,6 +56,8 @@ def _params(path: Path) -> Params:
 def _configure(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
+    # Per-file download bars drown the log; the stages log what they fetch.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -112,8 +116,123 @@ def evaluate(model: ModelOption, params: ParamsOption = DEFAULT_PARAMS_FILE) -> 
     from pipeline import evaluate as stage
 
     name = model
-    result = stage.run(_params(params), name)
+    result = stage.run(_params(params), name, Settings())
     log.info("%s: test/accuracy %.4f  test/loss %.4f", name, result.accuracy, result.loss)
+
+
+@app.command()
+@_fail_cleanly
+def register(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
+    """Register every trained model; alias the best `challenger`, gate it to `champion`."""
+    from pipeline import register as stage
+
+    decision = stage.run(_params(params), Settings())
+    log.info(
+        "%s: %s (champion: version %s)",
+        decision.registered_model,
+        decision.outcome,
+        decision.champion,
+    )
+
+
+registry_app = typer.Typer(help="Inspect and move the registry's aliases.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+def _client_and_name(params: Path) -> tuple[Any, str]:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import ensure_reachable, tracking_uri
+
+    uri = tracking_uri(Settings())
+    ensure_reachable(uri)
+    return MlflowClient(uri), _params(params).mlflow.registered_model
+
+
+@registry_app.command("show")
+@_fail_cleanly
+def registry_show(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
+    """Versions, aliases and test metrics of the registered model."""
+    from pipeline.registry import HISTORY_TAG
+
+    client, name = _client_and_name(params)
+    model = client.get_registered_model(name)
+    typer.echo(f"{name}  champion history: {model.tags.get(HISTORY_TAG, '[]')}")
+    typer.echo(f"{'version':>7}  {'type':<4}  {'test acc':>8}  {'aliases':<20}  run")
+    aliases: dict[str, list[str]] = {}
+    for alias, number in model.aliases.items():
+        aliases.setdefault(str(number), []).append(alias)
+    versions = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"])
+    for version in versions:
+        typer.echo(
+            f"{version.version:>7}  {version.tags.get('model_type', '?'):<4}  "
+            f"{float(version.tags.get('test_accuracy', 'nan')):>8.4f}  "
+            f"{','.join(sorted(aliases.get(str(version.version), []))):<20}  {version.run_id}"
+        )
+
+
+@registry_app.command("promote")
+@_fail_cleanly
+def registry_promote(
+    version: Annotated[str, typer.Option("--version", help="Version to make champion.")],
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+) -> None:
+    """Make a version the champion (no gate: a deliberate, manual decision)."""
+    from pipeline.registry import promote
+
+    client, name = _client_and_name(params)
+    winner = promote(client, name, version)
+    typer.echo(f"{name}@champion -> version {winner}")
+    if winner != version:
+        raise typer.Exit(1)
+
+
+@registry_app.command("rollback")
+@_fail_cleanly
+def registry_rollback(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
+    """Move the champion back to the previous champion."""
+    from pipeline.registry import rollback
+
+    client, name = _client_and_name(params)
+    typer.echo(f"{name}@champion -> version {rollback(client, name)}")
+
+
+@app.command()
+@_fail_cleanly
+def pull(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to create.", file_okay=False)],
+    alias: Annotated[str | None, typer.Option(help="Alias to pull (default: champion).")] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Version to pull instead of an alias.")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+) -> None:
+    """Download a registered model and its metadata into a folder, verified."""
+    from pipeline.pull import pull as pull_model
+
+    if alias and version:
+        raise ValueError("give --alias or --version, not both")
+    client, name = _client_and_name(params)
+    metadata = pull_model(client, name, out, alias=alias, version=version)
+    typer.echo(
+        f"pulled {name} version {metadata['version']} ({metadata['model_type']}, "
+        f"test accuracy {metadata['metrics']['test_accuracy']:.4f}) -> {out}"
+    )
+
+
+@app.command()
+@_fail_cleanly
+def predict(
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).", exists=True)
+    ],
+    model: Annotated[Path, typer.Option("--model", help="A folder made by `pull`.")],
+) -> None:
+    """Predict the digit in each image with a pulled model (one JSON line per image)."""
+    from pipeline.pull import predict_files
+
+    for result in predict_files(model, images):
+        typer.echo(json.dumps(result))
 
 
 @app.command()

@@ -33,7 +33,7 @@ class ParamsError(ValueError):
 
 class StrictModel(BaseModel):
     # strict: `epochs: true` or `lr: "0.1"` are mistakes, not values to coerce.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, serialize_by_alias=True)
 
 
 class PathsConfig(StrictModel):
@@ -42,6 +42,7 @@ class PathsConfig(StrictModel):
     models: str = "models"
     metrics: str = "metrics"
     plots: str = "plots"
+    reports: str = "reports"
 
 
 class FetchConfig(StrictModel):
@@ -125,6 +126,17 @@ class TrainConfig(StrictModel):
 
 class EvaluateConfig(StrictModel):
     batch_size: PositiveInt = 1000
+    misclassified_grid: PositiveInt = Field(default=36, le=100)
+
+
+class MlflowConfig(StrictModel):
+    experiment: str = Field(default="mnist", min_length=1)
+    registered_model: str = Field(default="mnist-classifier", min_length=1)
+
+
+class RegisterConfig(StrictModel):
+    # Test-accuracy margin a challenger needs over the champion to replace it.
+    min_improvement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.001
 
 
 class Params(StrictModel):
@@ -134,6 +146,9 @@ class Params(StrictModel):
     prepare: PrepareConfig = PrepareConfig()
     train: TrainConfig
     evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    # `register` would shadow BaseModel.register (ABCMeta); the YAML key stays `register`.
+    register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")
 
     @model_validator(mode="after")
     def _train_split_covers_workers(self) -> Params:

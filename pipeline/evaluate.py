@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from pipeline import tracking
 from pipeline.artifact import load_model
 from pipeline.config import ModelName, Params
 from pipeline.data import CLASSES, SplitArrays, open_prepared
 from pipeline.io import write_json, write_text
 from pipeline.models.module import to_unit_float
+from pipeline.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,17 @@ def confusion_csv(labels: np.ndarray, predictions: np.ndarray) -> str:
     return buffer.getvalue()
 
 
-def run(params: Params, name: ModelName) -> Evaluation:
-    """The stage: score `models/<name>` on the test split; write metrics and the confusion plot."""
-    net, _ = load_model(Path(params.paths.models) / name)
+def run(params: Params, name: ModelName, settings: Settings) -> Evaluation:
+    """The stage: score `models/<name>` on the test split; write metrics and the confusion plot,
+    and log both into the MLflow run that trained the model."""
+    net, spec = load_model(Path(params.paths.models) / name)
+    uri = tracking.tracking_uri(settings)
+    if spec.run_id:
+        tracking.ensure_reachable(uri)
     test = open_prepared(Path(params.paths.prepared)).load("test")
     result = evaluate(net, test, params.evaluate.batch_size)
+    if spec.run_id:
+        tracking.log_evaluation(uri, spec.run_id, result, test, params.evaluate.misclassified_grid)
     write_json(Path(params.paths.metrics) / f"{name}.json", result.metrics())
     write_text(
         Path(params.paths.plots) / name / "confusion.csv",

@@ -14,3 +14,5 @@ class Settings(BaseSettings):
     """A folder or URL tried before the mirrors of params.yaml."""
     ray_address: str | None = None
     """Join this Ray cluster; unset starts a local Ray for the run."""
+    mlflow_tracking_uri: str | None = None
+    """The MLflow tracking server or store; unset means `sqlite:///mlflow.db` in the project."""

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import mlflow
+import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.lightning import (
     RayDDPStrategy,
     RayLightningEnvironment,
@@ -38,6 +40,14 @@ from pipeline.io import write_text
 from pipeline.models.module import Classifier
 from pipeline.models.networks import build_network
 from pipeline.settings import Settings
+from pipeline.tracking import (
+    MlflowEpochLogger,
+    ensure_reachable,
+    log_model,
+    log_training_curves,
+    tracking_uri,
+    training_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +152,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     val_loader = DataLoader(_dataset(data.load("val")), batch_size=EVAL_BATCH)
 
     history = EpochHistory(model_config.epochs)
+    tracking = MlflowEpochLogger(config["tracking"]["uri"], config["tracking"]["run_id"])
     trainer = pl.Trainer(
         max_epochs=model_config.epochs,
         accelerator="gpu" if use_gpu else "cpu",
@@ -149,7 +160,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         precision="bf16-mixed" if use_gpu else "32-true",
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
-        callbacks=[history, RayTrainReportCallback()],
+        callbacks=[history, tracking, RayTrainReportCallback()],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -226,12 +237,56 @@ def history_csv(history: list[dict[str, float]]) -> str:
     return buffer.getvalue()
 
 
+def _fit(
+    params: Params,
+    name: ModelName,
+    scaling: ScalingConfig,
+    use_gpu: bool,
+    run_name: str,
+    tracking: dict[str, str],
+) -> Result:
+    trainer = TorchTrainer(
+        worker_loop,  # type: ignore[arg-type]  # Ray hands rank 0's return value back
+        train_loop_config={
+            "params": params.model_dump(mode="json"),
+            "model": name,
+            "use_gpu": use_gpu,
+            "data_folder": str(Path(params.paths.prepared).resolve()),
+            "tracking": tracking,
+        },
+        scaling_config=scaling,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(Path(params.train.storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=params.train.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def _best_network(result: Result) -> tuple[dict[str, torch.Tensor], int]:
+    best = result.get_best_checkpoint(MONITOR, "max")
+    if best is None:
+        raise RuntimeError(f"training reported no checkpoint (run at {result.path})")
+    with best.as_directory() as folder:
+        return state_dict_from_lightning(Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME)
+
+
 def train_model(
     params: Params, name: ModelName, settings: Settings, run_name: str | None = None
 ) -> TrainOutcome:
-    """Train `name` on Ray workers, export its best checkpoint; return where it went."""
+    """Train `name` on Ray workers inside one MLflow run; export and log its best checkpoint.
+
+    Nothing is written to `models/` unless training and logging both succeed.
+    """
     paths = params.paths
     data = open_prepared(Path(paths.prepared))
+    uri = tracking_uri(settings)
+    ensure_reachable(uri)
     run_name = run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with ray_session(settings.ray_address):
         scaling, use_gpu = resolve_scaling(params)
@@ -242,48 +297,39 @@ def train_model(
             params.train.scaling.cpus_per_worker,
             " + 1 GPU" if use_gpu else "",
         )
-        trainer = TorchTrainer(
-            worker_loop,  # type: ignore[arg-type]  # Ray hands rank 0's return value back
-            train_loop_config={
-                "params": params.model_dump(mode="json"),
-                "model": name,
-                "use_gpu": use_gpu,
-                "data_folder": str(Path(paths.prepared).resolve()),
-            },
-            scaling_config=scaling,
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(
-                name=run_name,
-                storage_path=str(Path(params.train.storage_path).resolve()),
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max"
-                ),
-                failure_config=FailureConfig(max_failures=params.train.max_failures),
-            ),
-        )
-        result = trainer.fit()
-    log.info("workers ran with %s", result.return_value["runtime"])  # type: ignore[attr-defined]
-
-    returned: dict[str, Any] = result.return_value  # type: ignore[attr-defined]
-    history: list[dict[str, float]] = returned["history"]
-    best = result.get_best_checkpoint(MONITOR, "max")
-    if best is None:
-        raise RuntimeError(f"training {name} reported no checkpoint (run at {result.path})")
-    with best.as_directory() as folder:
-        state, epoch = state_dict_from_lightning(
-            Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
-        )
-    best_row = next(row for row in history if int(row["epoch"]) == epoch)
-    spec = ModelSpec.describe(
-        name,
-        params.train.model(name).net,
-        data.normalization,
-        data.digest,
-        epoch=epoch,
-        val_accuracy=best_row[MONITOR],
-    )
-    net = spec.build()
-    net.load_state_dict(state)
-    model_file = save_model(Path(paths.models) / name, net, spec)
-    write_text(Path(paths.plots) / name / "history.csv", history_csv(history))
+        with training_run(params, name, uri, Path(paths.prepared), data.digest) as run_id:
+            mlflow.log_params(
+                {
+                    "ray.num_workers": scaling.num_workers,
+                    "ray.cpus_per_worker": params.train.scaling.cpus_per_worker,
+                    "ray.gpus_per_worker": 1 if use_gpu else 0,
+                    "ray.cluster": "external" if settings.ray_address else "local",
+                    "ray.run_name": run_name,
+                }
+            )
+            result = _fit(params, name, scaling, use_gpu, run_name, {"uri": uri, "run_id": run_id})
+            returned: dict[str, Any] = result.return_value  # type: ignore[attr-defined]
+            log.info("workers ran with %s", returned["runtime"])
+            mlflow.set_tags({f"runtime.{k}": str(v) for k, v in returned["runtime"].items()})
+            history: list[dict[str, float]] = returned["history"]
+            state, epoch = _best_network(result)
+            best_row = next(row for row in history if int(row["epoch"]) == epoch)
+            spec = ModelSpec.describe(
+                name,
+                params.train.model(name).net,
+                data.normalization,
+                data.digest,
+                epoch=epoch,
+                val_accuracy=best_row[MONITOR],
+                run_id=run_id,
+            )
+            net = spec.build().eval()
+            net.load_state_dict(state)
+            mlflow.log_metrics({"best/val_accuracy": spec.val_accuracy, "best/epoch": epoch})
+            example = data.load("val").images[:2].astype(np.float32) / 255.0
+            log_training_curves(history, name)
+            model_uri = log_model(net, example, spec.model_dump(mode="json"))
+            mlflow.set_tag("model_uri", model_uri)
+            model_file = save_model(Path(paths.models) / name, net, spec)
+            write_text(Path(paths.plots) / name / "history.csv", history_csv(history))
     return TrainOutcome(model_file, spec, history, returned["runtime"], result.path)

@@ -87,3 +87,14 @@ def build_network(
     if kind == "cnn" and isinstance(net, CNNNetConfig):
         return CNN(net, mean, std)
     raise ValueError(f"network config {type(net).__name__} does not build a {kind!r} model")
+
+
+class Probabilities(nn.Module):
+    """A network's logits as class probabilities: the form the model is served in."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x), dim=1)

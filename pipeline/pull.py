@@ -1,0 +1,90 @@
+"""Pull a registered model with its metadata, verified; predict with a pulled model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.io import atomic_path
+from pipeline.preprocess import image_bytes_to_mnist
+from pipeline.registry import RegistryError
+from pipeline.tracking import INPUT_CONTRACT, MANIFEST_TAG, files_sha256
+
+METADATA = "metadata.json"
+
+
+def pull(
+    client: MlflowClient, name: str, out: Path, alias: str | None = None, version: str | None = None
+) -> dict[str, Any]:
+    """Download `name@alias` (or version) into `out` with `metadata.json`; verify every file
+    against the checksums recorded when the model was logged. `out` appears only if verified."""
+    try:
+        found = (
+            client.get_model_version(name, version)
+            if version
+            else client.get_model_version_by_alias(name, alias or "champion")
+        )
+    except MlflowException as error:
+        wanted = f"version {version}" if version else f"alias @{alias or 'champion'}"
+        raise RegistryError(f"{name}: no {wanted} in the registry ({error.message})") from None
+    expected = json.loads(found.tags.get(MANIFEST_TAG, "{}"))
+    if not expected:
+        raise RegistryError(f"{name} version {found.version} has no checksums ({MANIFEST_TAG})")
+    with atomic_path(out) as staged:
+        staged.mkdir()
+        mlflow.artifacts.download_artifacts(
+            f"models:/{name}/{found.version}",
+            dst_path=str(staged),
+            tracking_uri=client.tracking_uri,
+        )
+        actual = files_sha256(staged)
+        if actual != expected:
+            bad = sorted(
+                k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)
+            )
+            raise RegistryError(f"{name} version {found.version}: download does not verify: {bad}")
+        model = mlflow.pyfunc.load_model(str(staged))
+        probabilities = np.asarray(model.predict(np.zeros((2, 28, 28), dtype=np.float32)))
+        if probabilities.shape != (2, 10) or not np.allclose(
+            probabilities.sum(axis=1), 1, atol=1e-4
+        ):
+            raise RegistryError(f"{name} version {found.version} does not predict probabilities")
+        metadata = {
+            "registered_model": name,
+            "version": found.version,
+            "aliases": list(found.aliases),
+            "run_id": found.run_id,
+            "model_type": found.tags.get("model_type"),
+            "metrics": {
+                "test_accuracy": float(found.tags.get("test_accuracy", "nan")),
+                "test_loss": float(found.tags.get("test_loss", "nan")),
+            },
+            "data_digest": found.tags.get("data_digest"),
+            "git_commit": found.tags.get("git_commit"),
+            "input_contract": INPUT_CONTRACT,
+            "files_sha256": actual,
+        }
+        (staged / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata
+
+
+def predict_files(model_dir: Path, images: list[Path]) -> list[dict[str, Any]]:
+    """Digit and probabilities for each image file, through a pulled model."""
+    if not (model_dir / "MLmodel").is_file():
+        raise FileNotFoundError(f"{model_dir} holds no MLflow model: run `mnist-pipeline pull`")
+    batch = np.stack([image_bytes_to_mnist(path.read_bytes()) for path in images])
+    probabilities = np.asarray(mlflow.pyfunc.load_model(str(model_dir)).predict(batch))
+    return [
+        {
+            "file": str(path),
+            "digit": int(row.argmax()),
+            "probabilities": [round(float(p), 6) for p in row],
+        }
+        for path, row in zip(images, probabilities, strict=True)
+    ]

@@ -1,0 +1,77 @@
+"""Register stage: every trained candidate becomes a version; the best is gated to champion."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from pipeline.artifact import load_model
+from pipeline.config import MODEL_NAMES, Params
+from pipeline.data import open_prepared
+from pipeline.io import write_json
+from pipeline.registry import Candidate, Decision, decide_and_promote
+from pipeline.settings import Settings
+from pipeline.tracking import MANIFEST_TAG, ensure_reachable, tracking_uri
+
+REPORT = "registry.json"
+
+
+def candidates(params: Params, client: MlflowClient) -> list[Candidate]:
+    """One candidate per trained and evaluated model, with its run's lineage tags."""
+    found = []
+    for name in MODEL_NAMES:
+        _, spec = load_model(Path(params.paths.models) / name)
+        if spec.run_id is None:
+            raise ValueError(f"models/{name} was trained without MLflow tracking: retrain it")
+        test = json.loads((Path(params.paths.metrics) / f"{name}.json").read_text())["test"]
+        run = client.get_run(spec.run_id)
+        found.append(
+            Candidate(
+                model_type=name,
+                run_id=spec.run_id,
+                model_uri=run.data.tags["model_uri"],
+                test_accuracy=float(test["accuracy"]),
+                test_loss=float(test["loss"]),
+                tags={
+                    "git_commit": run.data.tags.get("git_commit", "unknown"),
+                    "data_digest": spec.data_digest,
+                    MANIFEST_TAG: run.data.tags.get(MANIFEST_TAG, "{}"),
+                },
+            )
+        )
+    return found
+
+
+def _test_set(params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """Test images in the model input contract, and their labels."""
+    test = open_prepared(Path(params.paths.prepared)).load("test")
+    return test.images.astype(np.float32) / 255.0, test.labels
+
+
+def run(params: Params, settings: Settings) -> Decision:
+    """The stage: register, alias, gate; write `reports/registry.json`."""
+    uri = tracking_uri(settings)
+    ensure_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    images, labels = _test_set(params)
+
+    def score_on_test(model_uri: str) -> float:
+        model = mlflow.pyfunc.load_model(model_uri)
+        probabilities = np.asarray(model.predict(images))
+        return float((probabilities.argmax(axis=1) == labels).mean())
+
+    decision = decide_and_promote(
+        client,
+        params.mlflow.registered_model,
+        candidates(params, client),
+        params.register_.min_improvement,
+        score_on_test,
+    )
+    write_json(Path(params.paths.reports) / REPORT, asdict(decision))
+    return decision

@@ -1,0 +1,224 @@
+"""Model registry: versions for candidates, the challenger/champion aliases, and promotion.
+
+MLflow aliases have no compare-and-set, so concurrent promotions coordinate through claims:
+each promoter records a claim (version, score) on the registered model, then repeatedly
+settles the alias on the best recent claim. Whoever settles last has seen every claim made
+before it, so the alias ends on the better version, never on one that lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+CLAIM_PREFIX = "claim.champion."
+HISTORY_TAG = "champion.history"
+CLAIM_WINDOW_S = 120.0
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done; the message says why."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    model_type: str
+    run_id: str
+    model_uri: str
+    test_accuracy: float
+    test_loss: float
+    tags: dict[str, str]
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="MNIST digit classifiers")
+        except MlflowException as error:  # created meanwhile by a concurrent register
+            if "already exists" not in str(error).lower():
+                raise
+
+
+def ensure_version(client: MlflowClient, name: str, candidate: Candidate) -> ModelVersion:
+    """The version holding `candidate`'s run; created only if that run has none yet."""
+    ensure_registered_model(client, name)
+    existing = client.search_model_versions(f"name='{name}' and run_id='{candidate.run_id}'")
+    if existing:
+        return existing[0]
+    tags = candidate.tags | {
+        "model_type": candidate.model_type,
+        "run_id": candidate.run_id,
+        "test_accuracy": f"{candidate.test_accuracy:.6f}",
+        "test_loss": f"{candidate.test_loss:.6f}",
+    }
+    version = client.create_model_version(
+        name, source=candidate.model_uri, run_id=candidate.run_id, tags=tags
+    )
+    log.info("registered %s version %s (%s)", name, version.version, candidate.model_type)
+    return version
+
+
+def score_of(version: ModelVersion) -> float:
+    return float(version.tags["test_accuracy"])
+
+
+def champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _history(client: MlflowClient, name: str) -> list[str]:
+    tags = client.get_registered_model(name).tags
+    return list(json.loads(tags.get(HISTORY_TAG, "[]")))
+
+
+def _set_champion(client: MlflowClient, name: str, version: str) -> None:
+    client.set_registered_model_alias(name, CHAMPION, version)
+    history = _history(client, name)
+    if not history or history[-1] != version:
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, version]))
+
+
+def _recent_claims(client: MlflowClient, name: str, window_s: float) -> dict[str, float]:
+    now = time.time()
+    claims: dict[str, float] = {}
+    for key, value in client.get_registered_model(name).tags.items():
+        if key.startswith(CLAIM_PREFIX):
+            claim = json.loads(value)
+            if now - claim["at"] <= window_s:
+                claims[key.removeprefix(CLAIM_PREFIX)] = float(claim["score"])
+    return claims
+
+
+def settle(client: MlflowClient, name: str, window_s: float = CLAIM_WINDOW_S) -> str | None:
+    """Point `champion` at the best recent claim (ties: the older version); return it."""
+    claims = _recent_claims(client, name, window_s)
+    if not claims:
+        current = champion(client, name)
+        return str(current.version) if current else None
+    best = max(claims, key=lambda version: (claims[version], -int(version)))
+    current = champion(client, name)
+    if current is None or str(current.version) != best:
+        _set_champion(client, name, best)
+    return best
+
+
+def promote(
+    client: MlflowClient, name: str, version: str, rounds: int = 3, pause_s: float = 0.2
+) -> str:
+    """Make `version` champion unless a concurrent promotion of a better one wins; return
+    the version that holds `champion` afterwards."""
+    model_version = client.get_model_version(name, version)
+    claim = {"score": score_of(model_version), "at": time.time()}
+    client.set_registered_model_tag(name, f"{CLAIM_PREFIX}{version}", json.dumps(claim))
+    winner: str | None = version
+    for _ in range(rounds):
+        winner = settle(client, name)
+        time.sleep(pause_s * random.uniform(0.5, 1.5))
+    if winner is None:  # pragma: no cover - a claim was just made
+        raise RegistryError(f"{name}: champion could not be settled")
+    return winner
+
+
+def rollback(client: MlflowClient, name: str) -> str:
+    """Champion back to the previous champion; the history keeps both."""
+    history = _history(client, name)
+    current = champion(client, name)
+    if current is None or len(history) < 2:
+        raise RegistryError(f"{name}: no previous champion to roll back to")
+    previous = history[-2] if history[-1] == str(current.version) else history[-1]
+    for key in client.get_registered_model(name).tags:
+        if key.startswith(CLAIM_PREFIX):  # a rollback outranks pending claims
+            client.delete_registered_model_tag(name, key)
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, previous]))
+    client.set_model_version_tag(name, str(current.version), "rolled_back_at", str(time.time()))
+    return previous
+
+
+@dataclass(frozen=True)
+class Decision:
+    registered_model: str
+    candidates: list[dict[str, Any]]
+    challenger: str
+    incumbent: dict[str, Any] | None
+    min_improvement: float
+    outcome: str
+    champion: str | None
+
+
+def decide_and_promote(
+    client: MlflowClient,
+    name: str,
+    candidates: list[Candidate],
+    min_improvement: float,
+    score_on_test: Callable[[str], float],
+) -> Decision:
+    """Register every candidate, alias the best `challenger`, promote it past the gate.
+
+    `score_on_test(model_uri)` scores a registered model on the current test set, so the
+    incumbent is judged on the same images as the candidates.
+    """
+    if not candidates:
+        raise RegistryError("no candidates to register")
+    versions = [ensure_version(client, name, candidate) for candidate in candidates]
+    ranked = sorted(zip(candidates, versions, strict=True), key=lambda pair: -pair[0].test_accuracy)
+    best, best_version = ranked[0]
+    chosen = str(best_version.version)
+    client.set_registered_model_alias(name, CHALLENGER, chosen)
+    incumbent = champion(client, name)
+    incumbent_info: dict[str, Any] | None = None
+    if incumbent is None:
+        outcome = "promoted: there was no champion"
+        winner: str | None = promote(client, name, chosen)
+    elif str(incumbent.version) == chosen:
+        outcome = "kept: the challenger already is the champion"
+        winner = chosen
+    else:
+        incumbent_score = score_on_test(f"models:/{name}/{incumbent.version}")
+        incumbent_info = {"version": str(incumbent.version), "test_accuracy": incumbent_score}
+        margin = best.test_accuracy - incumbent_score
+        if margin >= min_improvement:
+            outcome = f"promoted: beats the champion by {margin:.4f} >= {min_improvement}"
+            winner = promote(client, name, chosen)
+        else:
+            outcome = f"kept the champion: margin {margin:.4f} < {min_improvement}"
+            winner = str(incumbent.version)
+    if winner != chosen and outcome.startswith("promoted"):
+        outcome += f"; a concurrent promotion of version {winner} won"
+    decision = Decision(
+        registered_model=name,
+        candidates=[
+            {
+                "model_type": c.model_type,
+                "version": str(v.version),
+                "run_id": c.run_id,
+                "test_accuracy": c.test_accuracy,
+            }
+            for c, v in ranked
+        ],
+        challenger=chosen,
+        incumbent=incumbent_info,
+        min_improvement=min_improvement,
+        outcome=outcome,
+        champion=winner,
+    )
+    client.set_model_version_tag(name, chosen, "promotion.decision", json.dumps(asdict(decision)))
+    return decision

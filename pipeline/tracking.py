@@ -1,0 +1,284 @@
+"""MLflow tracking: where runs go, what a training run records, and the logged model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+from torch import nn
+
+from pipeline.config import ModelName, Params
+from pipeline.data import SplitArrays
+from pipeline.figures import confusion_figure, curves_figure, misclassified_figure
+from pipeline.models.networks import IMAGE_SIZE, NUM_CLASSES, Probabilities
+from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeline.evaluate import Evaluation
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+MODEL_ARTIFACT = "model"
+MANIFEST_TAG = "model.files_sha256"
+INPUT_CONTRACT = (
+    "images: float32 array (N, 28, 28), grayscale, pixel values in [0, 1], raw (the model "
+    "normalises); output: float32 (N, 10) class probabilities, predicted digit = argmax"
+)
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI."""
+
+
+def tracking_uri(settings: Settings) -> str:
+    """`MLFLOW_TRACKING_URI`, or the project's SQLite store; relative SQLite paths made absolute
+    so Ray workers (other working directories) write to the same file."""
+    uri = settings.mlflow_tracking_uri or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri
+
+
+def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any expensive work, when the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
+                if reply.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} answered {reply.status}")
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it or set "
+                "MLFLOW_TRACKING_URI to a reachable server"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist")
+
+
+def git_commit() -> str:
+    """HEAD's commit, marked `-dirty` when tracked files differ from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def dvc_hash(folder: Path) -> str:
+    """The hash DVC records for `folder` in dvc.lock (`<md5>.dir`), computed the same way."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db.local import LocalHashFileDB
+    from dvc_objects.fs import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as scratch:
+        _, _, obj = build(LocalHashFileDB(fs, scratch), str(folder), fs, "md5", dry_run=True)
+    return str(obj.hash_info.value)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{"a": {"b": 1}}` -> `{"a.b": "1"}`; lists stay whole."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{path}.")
+        else:
+            flat[path] = json.dumps(value) if isinstance(value, list) else str(value)
+    return flat
+
+
+def stage_params(params: Params, name: ModelName) -> dict[str, str]:
+    """Exactly the params the train stage of `name` reads (as dvc.yaml lists them)."""
+    dumped = params.model_dump(mode="json")
+    return flatten(
+        {
+            "seed": dumped["seed"],
+            "prepare": dumped["prepare"],
+            "train": {
+                "scaling": dumped["train"]["scaling"],
+                "max_failures": dumped["train"]["max_failures"],
+                name: dumped["train"][name],
+            },
+        }
+    )
+
+
+@contextmanager
+def training_run(
+    params: Params, name: ModelName, uri: str, prepared: Path, data_digest: str
+) -> Iterator[str]:
+    """Open the one MLflow run of this training (the driver's); yield its id.
+
+    The run ends FINISHED when the block succeeds, FAILED when it raises.
+    """
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(params.mlflow.experiment)
+    with mlflow.start_run(
+        run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", log_system_metrics=True
+    ) as run:
+        mlflow.log_params(stage_params(params, name))
+        mlflow.set_tags(
+            {"model_type": name, "git_commit": git_commit(), "data.digest": data_digest}
+        )
+        dataset = MetaDataset(  # type: ignore[abstract]  # concrete at run time
+            source=resolve_dataset_source(str(prepared.resolve())),
+            name="mnist-prepared",
+            digest=dvc_hash(prepared),
+        )
+        mlflow.log_input(dataset, context="training")
+        yield run.info.run_id
+
+
+class MlflowEpochLogger(pl.Callback):
+    """Rank 0 writes each epoch's metrics into the driver's run, at step = epoch."""
+
+    KEYS = ("train/loss", "val/loss", "val/accuracy")
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
+        self.run_id = run_id
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(trainer.callback_metrics[key]), now, trainer.current_epoch)
+            for key in self.KEYS
+            if key in trainer.callback_metrics
+        ]
+        MlflowClient(self.uri).log_batch(self.run_id, metrics=metrics)
+
+
+def signature() -> ModelSignature:
+    """The one input contract, as MLflow states it.
+
+    Unnamed tensors: a named input makes pyfunc hand the flavor a dict, which it refuses.
+    """
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIZE, IMAGE_SIZE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
+    )
+
+
+# Written by MLflow into each download of a `models:/` URI, so it differs per download.
+_DOWNLOAD_NOTE = "registered_model_meta"
+
+
+def files_sha256(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of a downloaded model under `folder`, by relative path."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != _DOWNLOAD_NOTE
+    }
+
+
+def log_model(net: nn.Module, example: np.ndarray, metadata: dict[str, Any]) -> str:
+    """Log `net` (as probabilities) pickle-free into the active run; return its model URI.
+
+    The uploaded files' SHA-256 go into a run tag, so a later download can be verified.
+    """
+    info = mlflow.pytorch.log_model(
+        Probabilities(net).eval(),
+        name=MODEL_ARTIFACT,
+        serialization_format="pt2",
+        signature=signature(),
+        input_example=example.astype(np.float32),
+        metadata=metadata | {"input_contract": INPUT_CONTRACT},
+        # Stated, not inferred: inference reloads the model in a subprocess (slow) and keeps
+        # torch's `+cpu` label, which PyPI cannot resolve.
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}",
+            f"numpy=={np.__version__}",
+        ],
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=scratch))
+        mlflow.set_tag(MANIFEST_TAG, json.dumps(files_sha256(local), sort_keys=True))
+    return str(info.model_uri)
+
+
+def log_training_curves(history: list[dict[str, float]], name: ModelName) -> None:
+    """The curves as a figure in the active run."""
+    figure = curves_figure(history, f"{name} training")
+    mlflow.log_figure(figure, "training/curves.png")
+    plt.close(figure)
+
+
+def log_evaluation(
+    uri: str,
+    run_id: str,
+    evaluation: Evaluation,
+    test: SplitArrays,
+    grid_size: int,
+) -> None:
+    """Test metrics and evaluation figures into the run that trained the model."""
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as error:
+        raise TrackingError(f"MLflow run {run_id} not found at {uri}: {error.message}") from None
+    now = int(time.time() * 1000)
+    metrics = [Metric("test/accuracy", evaluation.accuracy, now, 0)]
+    metrics.append(Metric("test/loss", evaluation.loss, now, 0))
+    metrics += [
+        Metric(f"test/accuracy_{digit}", value, now, 0)
+        for digit, value in evaluation.per_class_accuracy.items()
+    ]
+    client.log_batch(run_id, metrics=metrics)
+    client.log_table(
+        run_id,
+        data={
+            "digit": list(evaluation.per_class_accuracy),
+            "accuracy": list(evaluation.per_class_accuracy.values()),
+            "support": evaluation.confusion.sum(axis=1).tolist(),
+        },
+        artifact_file="evaluation/per_class_accuracy.json",
+    )
+    for figure, path in (
+        (confusion_figure(evaluation.confusion, "test confusion matrix"), "confusion_matrix.png"),
+        (
+            misclassified_figure(test.images, test.labels, evaluation.predictions, grid_size),
+            "misclassified.png",
+        ),
+    ):
+        client.log_figure(run_id, figure, f"evaluation/{path}")
+        plt.close(figure)
