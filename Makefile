@@ -35,8 +35,8 @@ lint: install ## ruff and mypy
 plots: install ## Render the DVC plots to dvc_plots/index.html
 	dvc plots show
 
-clean: ## Remove pipeline outputs (not .venv, not the DVC cache)
-	rm -rf data models metrics plots .ray_results dvc_plots
+clean: ## Remove pipeline outputs (not .venv, the DVC cache or the MLflow store)
+	rm -rf data models metrics plots reports .ray_results dvc_plots
 
 ui: install ## Browse the MLflow UI of the embedded store (http://127.0.0.1:5000)
 	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000

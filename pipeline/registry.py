@@ -66,8 +66,12 @@ def ensure_version(client: MlflowClient, name: str, candidate: Candidate) -> Mod
         "test_accuracy": f"{candidate.test_accuracy:.6f}",
         "test_loss": f"{candidate.test_loss:.6f}",
     }
+    source, model_id = candidate.model_uri, None
+    if source.startswith("models:/m-"):  # a logged model: register its files, linked by id
+        model_id = source.removeprefix("models:/")
+        source = client.get_logged_model(model_id).artifact_location
     version = client.create_model_version(
-        name, source=candidate.model_uri, run_id=candidate.run_id, tags=tags
+        name, source=source, run_id=candidate.run_id, tags=tags, model_id=model_id
     )
     log.info("registered %s version %s (%s)", name, version.version, candidate.model_type)
     return version

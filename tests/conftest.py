@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,52 @@ SMALL = {
     "train.mlp.epochs": 3,
     "train.cnn.epochs": 3,
 }
+
+
+DATA_PATHS = ("raw", "prepared")
+OUTPUT_PATHS = ("models", "metrics", "plots", "reports")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_http(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 90
+) -> None:
+    """Poll `url` until it answers 200; fail with the server's log if it dies or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    pytest.fail(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def running(
+    command: list[str], url: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[None]:
+    """Run a server process for the block; stop it afterwards."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for_http(url, process, log)
+            yield
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def mirror_folder() -> Path:
@@ -52,10 +105,44 @@ def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
 
 def small_params(root: Path, **overrides: Any) -> Params:
     """Repo params on the SMALL profile, with every path under `root`."""
-    paths = {f"paths.{k}": str(root / k) for k in ("raw", "prepared", "models", "metrics", "plots")}
+    paths = {f"paths.{k}": str(root / k) for k in (*DATA_PATHS, *OUTPUT_PATHS)}
     paths["train.storage_path"] = str(root / "ray")
     raw = with_overrides(raw_params(), SMALL | paths | overrides)
     return parse_params(raw, "test params")
+
+
+def local_store(folder: Path) -> Settings:
+    """Settings that track into a SQLite store inside `folder` (never the repo's)."""
+    return Settings(mlflow_tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on loopback: SQL backend, artifacts served through it."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--serve-artifacts",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "2",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with running(command, f"{url}/health", root / "server.log"):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[None]:
+    """One local 2-CPU Ray for the session; train_model joins it instead of starting its own."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +163,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
 @pytest.fixture
 def params(data_root: Path, tmp_path: Path) -> Params:
     """SMALL-profile params reading the shared prepared data, writing under `tmp_path`."""
-    outputs = {f"paths.{k}": str(tmp_path / k) for k in ("models", "metrics", "plots")}
+    outputs = {f"paths.{k}": str(tmp_path / k) for k in OUTPUT_PATHS}
     return small_params(
         data_root,
         **outputs,

@@ -54,8 +54,14 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path: Path, mirror: Path) -
     env.pop("RAY_ADDRESS", None)
 
     first = _dvc(repo, "repro", env=env)
-    for stage in ("fetch", "prepare", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn"):
+    stages = ("fetch", "prepare", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn")
+    for stage in (*stages, "register"):
         assert f"Running stage '{stage}'" in first
+    # Embedded default tracking: a SQLite store in the project, the champion registered.
+    assert (repo / "mlflow.db").is_file()
+    decision = json.loads((repo / "reports" / "registry.json").read_text())
+    assert decision["outcome"].startswith("promoted")
+    assert decision["champion"] == decision["challenger"]
     for name in ("mlp", "cnn"):
         test = json.loads((repo / "metrics" / f"{name}.json").read_text())["test"]
         assert test["accuracy"] > 0.8, f"{name}: {test}"
@@ -79,3 +85,4 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path: Path, mirror: Path) -
     assert "Running stage 'evaluate@mlp'" in experiment
     assert "Running stage 'train@cnn'" not in experiment
     assert "Running stage 'prepare'" not in experiment
+    assert "Running stage 'register'" in experiment

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from ray.train import Result
 from ray.train.lightning import RayTrainReportCallback
 
@@ -16,22 +14,15 @@ from pipeline.artifact import load_model, state_dict_from_lightning
 from pipeline.config import Params, ParamsError
 from pipeline.data import open_prepared
 from pipeline.evaluate import predict_proba
-from pipeline.settings import Settings
 from pipeline.train import train_model
-from tests.conftest import small_params
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """One local 2-CPU Ray for the module; train_model joins it instead of starting its own."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+from tests.conftest import local_store, small_params
 
 
 @pytest.mark.slow
-def test_two_workers_shard_checkpoint_and_export(params: Params, local_ray: None) -> None:
-    outcome = train_model(params, "mlp", Settings(), run_name="test-mlp")
+def test_two_workers_shard_checkpoint_and_export(
+    params: Params, local_ray: None, tmp_path: Path
+) -> None:
+    outcome = train_model(params, "mlp", local_store(tmp_path), run_name="test-mlp")
     train_size = open_prepared(Path(params.paths.prepared)).sizes["train"]
     assert train_size == params.prepare.train_limit - params.prepare.val_size  # type: ignore[operator]
 
@@ -83,6 +74,6 @@ def test_more_cpus_than_the_cluster_has_fails_before_training(
         },
     )
     with pytest.raises(ParamsError, match=r"train.scaling: 4 workers x 1 CPUs = 4 CPUs.*has 2"):
-        train_model(params, "mlp", Settings())
+        train_model(params, "mlp", local_store(tmp_path))
     assert not (tmp_path / "models").exists()
     assert not (tmp_path / "ray").exists()
