@@ -237,6 +237,20 @@ def predict(
 
 @app.command()
 @_fail_cleanly
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the registered model over HTTP (settings: SERVING_* and MLFLOW_TRACKING_URI)."""
+    import uvicorn
+
+    from services.serving.app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=False)
+
+
+@app.command()
+@_fail_cleanly
 def summary(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     """What the pipeline produced: accuracy per model and where the outputs are."""
     paths = _params(params).paths

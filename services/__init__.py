@@ -1,0 +1,1 @@
+"""Services that run next to the pipeline (model serving)."""

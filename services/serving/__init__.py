@@ -1,0 +1,1 @@
+"""The model server: the registry's champion behind a REST API, a drawing page, Ray Serve."""

@@ -1,0 +1,27 @@
+"""Serving settings, from the environment (prefix `SERVING_`, tracking URI as MLflow names it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVING_", extra="ignore")
+
+    model_uri: str = "models:/mnist-classifier@champion"
+    tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SERVING_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow tracking server; unset means the project's sqlite:///mlflow.db",
+    )
+    cache_dir: Path = Path(".serving-cache")
+    poll_interval_s: PositiveFloat = 30.0
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    max_images: PositiveInt = 256
+    batch_max_images: PositiveInt = 128
+    batch_max_wait_ms: PositiveFloat = 2.0
+    inference_threads: PositiveInt = 1
+    parity_tolerance: PositiveFloat = 1e-4
