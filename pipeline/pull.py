@@ -38,8 +38,9 @@ def pull(
         raise RegistryError(f"{name} version {found.version} has no checksums ({MANIFEST_TAG})")
     with atomic_path(out) as staged:
         staged.mkdir()
+        # The version's own artifact location: no models:/ lookup in a process-wide registry.
         mlflow.artifacts.download_artifacts(
-            f"models:/{name}/{found.version}",
+            client.get_model_version_download_uri(name, str(found.version)),
             dst_path=str(staged),
             tracking_uri=client.tracking_uri,
         )

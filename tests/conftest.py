@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,92 @@ def params(data_root: Path, tmp_path: Path) -> Params:
         **outputs,
         **{"train.storage_path": str(tmp_path / "ray")},
     )
+
+
+@dataclass(frozen=True)
+class Registry:
+    """A real MLflow store holding a well-trained CNN under `@champion`."""
+
+    uri: str
+    name: str
+    params: Params  # the full-data profile the model was trained on
+    net: Any  # the in-memory network (torch.nn.Module)
+
+
+def register_model(uri: str, name: str, net: Any, example: Any, accuracy: float) -> str:
+    """Log `net` in a new run as the pipeline does and register it; return the version."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import Candidate, ensure_version
+    from pipeline.tracking import MANIFEST_TAG, log_model
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("test-serving")
+    with mlflow.start_run() as run:
+        model_uri = log_model(net, example, metadata={})
+    client = MlflowClient(uri)
+    tags = client.get_run(run.info.run_id).data.tags
+    candidate = Candidate(
+        model_type="cnn",
+        run_id=run.info.run_id,
+        model_uri=model_uri,
+        test_accuracy=accuracy,
+        test_loss=0.0,
+        tags={MANIFEST_TAG: tags[MANIFEST_TAG]},
+    )
+    return str(ensure_version(client, name, candidate).version)
+
+
+@pytest.fixture(scope="session")
+def registry(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """Full MNIST prepared, a CNN trained 3 epochs in-process (about a minute), registered."""
+    import lightning.pytorch as pl
+    import numpy as np
+    import torch
+    from mlflow.tracking import MlflowClient
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.data import open_prepared
+    from pipeline.evaluate import evaluate
+    from pipeline.models.module import Classifier
+    from pipeline.models.networks import build_network
+    from pipeline.registry import promote
+
+    root = tmp_path_factory.mktemp("registry")
+    overrides = {f"paths.{k}": str(root / k) for k in OUTPUT_PATHS} | {
+        "paths.raw": str(data_root / "raw"),
+        "paths.prepared": str(root / "prepared"),
+        "train.cnn.net.channels": [16, 32, 64],
+        "train.cnn.epochs": 3,
+        "train.cnn.augment": False,
+    }
+    params = parse_params(with_overrides(raw_params(), overrides), "full profile")
+    prepare.run(params)
+    data = open_prepared(Path(params.paths.prepared))
+    pl.seed_everything(params.seed, verbose=False)
+    net = build_network(
+        "cnn", params.train.cnn.net, data.normalization.mean, data.normalization.std
+    )
+    train = data.load("train")
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(train.images), torch.from_numpy(train.labels).long()),
+        batch_size=params.train.cnn.batch_size,
+        shuffle=True,
+    )
+    pl.Trainer(
+        max_epochs=params.train.cnn.epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(Classifier(net, params.train.cnn), loader)
+    net.eval()
+    accuracy = evaluate(net, data.load("test")).accuracy
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    example = data.load("val").images[:2].astype(np.float32) / 255.0
+    name = params.mlflow.registered_model
+    version = register_model(uri, name, net, example, accuracy)
+    promote(MlflowClient(uri), name, version, pause_s=0.0)
+    return Registry(uri, name, params, net)

@@ -79,10 +79,10 @@ class MicroBatcher:
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
-            model = self._current_model()
-            images = np.concatenate([pending.images for pending in batch])
-            self._on_batch(len(images))
             try:
+                model = self._current_model()
+                images = np.concatenate([pending.images for pending in batch])
+                self._on_batch(len(images))
                 probabilities = await asyncio.to_thread(model.predict, images)
             except Exception as error:  # noqa: BLE001 - every waiter must hear of it
                 for pending in batch:

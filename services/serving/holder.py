@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from mlflow.entities.model_registry import ModelVersion
@@ -38,7 +39,8 @@ class ModelHolder:
         self._model: ServedModel | None = None
         self._task: asyncio.Task[None] | None = None
         self.last_error: str | None = "loading"
-        self._refused: str | None = None  # a version that failed to load: not retried
+        # A version that failed to load, and when: retried only after a cool-down.
+        self._refused: tuple[str, float] | None = None
 
     @property
     def model(self) -> ServedModel | None:
@@ -55,12 +57,13 @@ class ModelHolder:
         number = str(version.version)
         if self._model is not None and self._model.version == number:
             return False
-        if number == self._refused:
-            return False
+        if self._refused is not None and self._refused[0] == number:
+            if time.monotonic() - self._refused[1] < self.settings.retry_failed_after_s:
+                return False
         try:
             loaded = self._loader(self.settings, version, self.ref.alias)
         except Exception as error:
-            self._refused = number
+            self._refused = (number, time.monotonic())
             self.metrics.reloads.labels("failed").inc()
             raise ModelLoadError(f"version {number}: {error}") from error
         previous = self._model

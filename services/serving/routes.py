@@ -40,6 +40,7 @@ State = Annotated[ServingState, Depends(serving)]
 
 
 async def _predict(state: ServingState, images: np.ndarray) -> tuple[np.ndarray, ServedModel]:
+    state.holder.require()  # no model yet: 503 now, not a request waiting in the queue
     probabilities, model = await state.batcher.predict(images)
     state.metrics.images.inc(len(images))
     return probabilities, model

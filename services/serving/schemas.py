@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SIDE = 28
-Pixel = Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=255.0)]
+Pixel = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=255.0)]
 Row = Annotated[list[Pixel], Field(min_length=SIDE, max_length=SIDE)]
 Image = Annotated[list[Row], Field(min_length=SIDE, max_length=SIDE)]
 

@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ServingSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SERVING_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SERVING_", extra="ignore", populate_by_name=True)
 
     model_uri: str = "models:/mnist-classifier@champion"
     tracking_uri: str | None = Field(
@@ -19,6 +19,7 @@ class ServingSettings(BaseSettings):
     )
     cache_dir: Path = Path(".serving-cache")
     poll_interval_s: PositiveFloat = 30.0
+    retry_failed_after_s: PositiveFloat = 300.0
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     max_images: PositiveInt = 256
     batch_max_images: PositiveInt = 128
