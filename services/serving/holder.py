@@ -57,9 +57,10 @@ class ModelHolder:
         number = str(version.version)
         if self._model is not None and self._model.version == number:
             return False
-        if self._refused is not None and self._refused[0] == number:
-            if time.monotonic() - self._refused[1] < self.settings.retry_failed_after_s:
-                return False
+        refused = self._refused
+        cooling = refused and time.monotonic() - refused[1] < self.settings.retry_failed_after_s
+        if refused and refused[0] == number and cooling:
+            return False
         try:
             loaded = self._loader(self.settings, version, self.ref.alias)
         except Exception as error:
