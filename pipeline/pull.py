@@ -38,11 +38,12 @@ def pull(
         raise RegistryError(f"{name} version {found.version} has no checksums ({MANIFEST_TAG})")
     with atomic_path(out) as staged:
         staged.mkdir()
-        # The version's own artifact location: no models:/ lookup in a process-wide registry.
+        # Registry named explicitly: never a process-wide default (./mlflow.db).
         mlflow.artifacts.download_artifacts(
-            client.get_model_version_download_uri(name, str(found.version)),
+            f"models:/{name}/{found.version}",
             dst_path=str(staged),
             tracking_uri=client.tracking_uri,
+            registry_uri=client.tracking_uri,
         )
         actual = files_sha256(staged)
         if actual != expected:
