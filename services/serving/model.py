@@ -24,6 +24,7 @@ from pipeline.io import atomic_path
 from pipeline.pull import METADATA, pull
 from pipeline.settings import Settings
 from pipeline.tracking import tracking_uri
+from services.serving.schemas import ModelInfo
 from services.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,16 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class ServedModel:
-    name: str
-    version: str
-    alias: str | None
-    run_id: str
-    model_type: str
-    test_accuracy: float
+    info: ModelInfo
     session: ort.InferenceSession
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> str:
+        return self.info.version
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """float32 (N, 28, 28) in [0, 1] -> float32 (N, 10) probabilities."""
@@ -120,15 +124,15 @@ def load(settings: ServingSettings, version: ModelVersion, alias: str | None) ->
     options.intra_op_num_threads = settings.inference_threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    served = ServedModel(
+    info = ModelInfo(
         name=name,
         version=number,
         alias=alias,
         run_id=str(version.run_id),
         model_type=version.tags.get("model_type", "?"),
         test_accuracy=float(version.tags.get("test_accuracy", "nan")),
-        session=session,
     )
+    served = ServedModel(info, session)
     inputs = _parity_inputs(model_dir)
     reference = np.asarray(mlflow.pyfunc.load_model(str(model_dir)).predict(inputs))
     difference = float(np.abs(served.predict(inputs) - reference).max())

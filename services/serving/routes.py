@@ -76,15 +76,7 @@ async def ready(state: State) -> dict[str, str]:
 
 @router.get("/v1/model", tags=["v1"])
 async def model_info(state: State) -> ModelInfo:
-    model = state.holder.require()
-    return ModelInfo(
-        name=model.name,
-        version=model.version,
-        alias=model.alias,
-        run_id=model.run_id,
-        model_type=model.model_type,
-        test_accuracy=model.test_accuracy,
-    )
+    return state.holder.require().info
 
 
 @router.post("/v1/predict", tags=["v1"])
