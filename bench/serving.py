@@ -52,6 +52,7 @@ TARGET_P99_MS = 10.0  # our p99 at the open-loop rate
 # already the service's default.
 WAITS_MS = (0.5, 2.0)
 OPEN_LOOP_CONNECTIONS = 64
+DISTURBED_PCT = 15.0  # other processes' CPU use (% of one CPU) that makes a row suspect
 JSON = {"content-type": "application/json"}
 
 
@@ -264,6 +265,7 @@ class Result:
     server_cpu_pct: float  # of one CPU, the server's whole process tree
     req_per_server_cpu_s: float  # requests per CPU-second of the server: its efficiency
     client_cpu_pct: float  # of one CPU, this process (the load generator)
+    other_cpu_pct: float  # of one CPU, everything else on the machine: should be near 0
     error_kinds: dict[str, int] = field(default_factory=dict)
 
 
@@ -372,6 +374,12 @@ def _tree_cpu_s(pid: int) -> float:
     return total
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs, not idle or waiting on I/O)."""
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+
 def measure(
     server: Server, scenario: str, images: int, bodies: list[bytes], args: argparse.Namespace
 ) -> Result:
@@ -391,9 +399,12 @@ def measure(
     gc.collect()
     gc.disable()
     try:
-        server_before = _tree_cpu_s(server.process.pid)
+        server_before, machine_before = _tree_cpu_s(server.process.pid), _busy_cpu_s()
+        own_before = time.process_time()
         sample = asyncio.run(run)
         server_cpu = _tree_cpu_s(server.process.pid) - server_before
+        own_cpu = time.process_time() - own_before
+        other_cpu = _busy_cpu_s() - machine_before - server_cpu - own_cpu
     finally:
         gc.enable()
     values = np.asarray(sample.latencies or [np.nan], dtype=np.float64) * 1000
@@ -418,12 +429,14 @@ def measure(
         server_cpu_pct=100 * server_cpu / sample.elapsed,
         req_per_server_cpu_s=done / server_cpu if server_cpu > 0 else float("nan"),
         client_cpu_pct=100 * sample.client_cpu_s / sample.elapsed,
+        other_cpu_pct=max(0.0, 100 * other_cpu / sample.elapsed),
         error_kinds=dict(sample.errors),
     )
     print(
         f"[bench] {result.server:10} {result.scenario:16} {result.req_per_s:8.1f} req/s "
         f"{result.images_per_s:8.0f} img/s  p50 {result.p50_ms:7.2f}  p99 {result.p99_ms:7.2f} ms"
         f"  cpu server {result.server_cpu_pct:3.0f}% client {result.client_cpu_pct:3.0f}%"
+        f" other {result.other_cpu_pct:3.0f}%"
         f"  errors {result.errors}",
         flush=True,
     )
@@ -654,14 +667,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"- **Closed loop**: {config['warmup_s']:g} s warm-up, then {config['duration_s']:g} s "
         f"measured. **Open loop**: {config['rate']:g} requests/s at fixed times for "
         f"{config['rate_duration_s']:g} s after a {config['warmup_s']:g} s warm-up; latency "
-        "from the scheduled send time. Server CPU: the server's process tree, % of one CPU.",
+        "from the scheduled send time. CPU columns, in % of one CPU: the server's process "
+        "tree, the load generator, and everything else on the machine (`other`: near 0 in "
+        "an undisturbed run).",
         f"- Agreement: on {agreement['images']} test images the two servers give the same digit "
         f"for {agreement['digits_agree']:.1%} (max probability difference "
         f"{agreement['max_abs_prob_diff']:.1e}); accuracy {agreement['accuracy']:.1%}.",
         "",
         "| server | scenario | req/s | images/s | p50 ms | p90 ms | p99 ms | max ms "
-        "| server CPU | req per server CPU-s | client CPU | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server CPU | req per server CPU-s | client CPU | other CPU | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for row in report["results"]:
         lines.append(
@@ -669,7 +685,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(row['images_per_s'], 0)} | {_fmt(row['p50_ms'], 2)} | "
             f"{_fmt(row['p90_ms'], 2)} | {_fmt(row['p99_ms'], 2)} | {_fmt(row['max_ms'], 1)} | "
             f"{_fmt(row['server_cpu_pct'], 0)}% | {_fmt(row['req_per_server_cpu_s'], 0)} | "
-            f"{_fmt(row['client_cpu_pct'], 0)}% | "
+            f"{_fmt(row['client_cpu_pct'], 0)}% | {_fmt(row['other_cpu_pct'], 0)}% | "
             f"{row['errors']} |"
         )
     lines += ["", "## Targets", ""]
@@ -703,6 +719,11 @@ def markdown(report: dict[str, Any]) -> str:
 def auto_notes(results: list[Result]) -> list[str]:
     notes = []
     for row in results:
+        if row.other_cpu_pct >= DISTURBED_PCT:
+            notes.append(
+                f"{row.server} {row.scenario}: other processes on the machine used "
+                f"{row.other_cpu_pct:.0f}% of a CPU during the run: this row is disturbed."
+            )
         if row.client_cpu_pct >= 90:
             notes.append(
                 f"{row.server} {row.scenario}: the load generator used {row.client_cpu_pct:.0f}% "
