@@ -139,6 +139,22 @@ def stage_params(params: Params, name: ModelName) -> dict[str, str]:
     )
 
 
+def ensure_experiment(uri: str, name: str) -> None:
+    """Create the experiment if missing; a SQLite store keeps its artifacts beside it
+    (MLflow's default, ./mlruns of whatever the working directory is, scatters them)."""
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name(name) is not None:
+        return
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
+    try:
+        client.create_experiment(name, artifact_location=location)
+    except MlflowException as error:  # created meanwhile by a concurrent run
+        if "already exists" not in str(error).lower():
+            raise
+
+
 @contextmanager
 def training_run(
     params: Params, name: ModelName, uri: str, prepared: Path, data_digest: str
@@ -148,6 +164,7 @@ def training_run(
     The run ends FINISHED when the block succeeds, FAILED when it raises.
     """
     mlflow.set_tracking_uri(uri)
+    ensure_experiment(uri, params.mlflow.experiment)
     mlflow.set_experiment(params.mlflow.experiment)
     with mlflow.start_run(
         run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", log_system_metrics=True

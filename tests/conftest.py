@@ -188,9 +188,10 @@ def register_model(uri: str, name: str, net: Any, example: Any, accuracy: float)
     from mlflow.tracking import MlflowClient
 
     from pipeline.registry import Candidate, ensure_version
-    from pipeline.tracking import MANIFEST_TAG, log_model
+    from pipeline.tracking import MANIFEST_TAG, ensure_experiment, log_model
 
     mlflow.set_tracking_uri(uri)
+    ensure_experiment(uri, "test-serving")
     mlflow.set_experiment("test-serving")
     with mlflow.start_run() as run:
         model_uri = log_model(net, example, metadata={})
