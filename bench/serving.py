@@ -496,7 +496,6 @@ PROFILE_PARTS = (
     ("micro-batcher task (`MicroBatcher._run`, incl. the thread hand-off)", ("MicroBatcher._run",)),
     ("hand-off to a thread (`ThreadPoolExecutor.submit`)", ("ThreadPoolExecutor.submit",)),
     ("run_in_threadpool (sync dependencies / endpoints)", ("run_in_threadpool",)),
-    ("middleware `GuardMiddleware` (all of the app below it)", ("GuardMiddleware.__call__",)),
     ("HTTP parsing (`HttpToolsProtocol.data_received`)", ("HttpToolsProtocol.data_received",)),
 )
 
