@@ -9,6 +9,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from pipeline.io import atomic_path
@@ -38,12 +39,12 @@ def pull(
         raise RegistryError(f"{name} version {found.version} has no checksums ({MANIFEST_TAG})")
     with atomic_path(out) as staged:
         staged.mkdir()
-        # Registry named explicitly: never a process-wide default (./mlflow.db).
-        mlflow.artifacts.download_artifacts(
-            f"models:/{name}/{found.version}",
-            dst_path=str(staged),
-            tracking_uri=client.tracking_uri,
-            registry_uri=client.tracking_uri,
+        # From the version's own artifact location, with this client's store: a models:/ URI
+        # would be resolved against the process-wide registry (MLflow ignores registry_uri
+        # there), i.e. ./mlflow.db when MLFLOW_TRACKING_URI is unset.
+        source = client.get_model_version_download_uri(name, found.version)
+        get_artifact_repository(source, tracking_uri=client.tracking_uri).download_artifacts(
+            "", dst_path=str(staged)
         )
         actual = files_sha256(staged)
         if actual != expected:

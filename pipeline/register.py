@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from pipeline.artifact import load_model
-from pipeline.config import MODEL_NAMES, Params
+from pipeline.config import MODEL_NAMES, ModelName, Params
 from pipeline.data import open_prepared
 from pipeline.io import write_json
 from pipeline.registry import Candidate, Decision, decide_and_promote
@@ -21,10 +22,12 @@ from pipeline.tracking import MANIFEST_TAG, ensure_reachable, tracking_uri
 REPORT = "registry.json"
 
 
-def candidates(params: Params, client: MlflowClient) -> list[Candidate]:
+def candidates(
+    params: Params, client: MlflowClient, models: Sequence[ModelName] = MODEL_NAMES
+) -> list[Candidate]:
     """One candidate per trained and evaluated model, with its run's lineage tags."""
     found = []
-    for name in MODEL_NAMES:
+    for name in models:
         _, spec = load_model(Path(params.paths.models) / name)
         if spec.run_id is None:
             raise ValueError(f"models/{name} was trained without MLflow tracking: retrain it")
@@ -53,8 +56,8 @@ def _test_set(params: Params) -> tuple[np.ndarray, np.ndarray]:
     return test.images.astype(np.float32) / 255.0, test.labels
 
 
-def run(params: Params, settings: Settings) -> Decision:
-    """The stage: register, alias, gate; write `reports/registry.json`."""
+def run(params: Params, settings: Settings, models: Sequence[ModelName] = MODEL_NAMES) -> Decision:
+    """The stage: register `models`, alias, gate; write `reports/registry.json`."""
     uri = tracking_uri(settings)
     ensure_reachable(uri)
     mlflow.set_tracking_uri(uri)
@@ -69,7 +72,7 @@ def run(params: Params, settings: Settings) -> Decision:
     decision = decide_and_promote(
         client,
         params.mlflow.registered_model,
-        candidates(params, client),
+        candidates(params, client, models),
         params.register_.min_improvement,
         score_on_test,
     )

@@ -14,5 +14,10 @@ class Settings(BaseSettings):
     """A folder or URL tried before the mirrors of params.yaml."""
     ray_address: str | None = None
     """Join this Ray cluster; unset starts a local Ray for the run."""
+    ray_api_server_address: str | None = None
+    """The Ray Jobs API (dashboard URL) `submit` talks to; unset: RAY_ADDRESS, then local."""
     mlflow_tracking_uri: str | None = None
     """The MLflow tracking server or store; unset means `sqlite:///mlflow.db` in the project."""
+
+    def jobs_address(self) -> str:
+        return self.ray_api_server_address or self.ray_address or "http://127.0.0.1:8265"

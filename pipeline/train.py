@@ -34,8 +34,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.artifact import ModelSpec, save_model, state_dict_from_lightning
+from pipeline.cluster import check_storage
 from pipeline.config import ModelName, Params, ParamsError, parse_params
-from pipeline.data import SplitArrays, open_prepared
+from pipeline.data import Normalization, PreparedData, SplitArrays, open_prepared
 from pipeline.io import write_text
 from pipeline.models.module import Classifier
 from pipeline.models.networks import build_network
@@ -122,6 +123,19 @@ class EpochHistory(pl.Callback):
         self.rows = list(state_dict["rows"])
 
 
+@dataclass(frozen=True)
+class WorkerData:
+    """What workers train on: the splits in Ray's object store, reachable from every node."""
+
+    train: ray.ObjectRef[SplitArrays]
+    val: ray.ObjectRef[SplitArrays]
+    normalization: Normalization
+
+    @classmethod
+    def put(cls, data: PreparedData) -> WorkerData:
+        return cls(ray.put(data.load("train")), ray.put(data.load("val")), data.normalization)
+
+
 def _dataset(arrays: SplitArrays) -> TensorDataset:
     return TensorDataset(torch.from_numpy(arrays.images), torch.from_numpy(arrays.labels).long())
 
@@ -141,15 +155,16 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(scaling.cpus_per_worker)
     pl.seed_everything(params.seed, workers=True, verbose=False)
 
-    data = open_prepared(Path(config["data_folder"]))
+    # From the object store, not a path: a worker on another node cannot see the driver's disk.
+    data: WorkerData = config["data"]
     net = build_network(name, model_config.net, data.normalization.mean, data.normalization.std)
     module = Classifier(net, model_config)
     # Lightning swaps in a DistributedSampler: each worker sees 1/num_workers of the split.
     per_worker_batch = model_config.batch_size // scaling.num_workers
     train_loader = DataLoader(
-        _dataset(data.load("train")), batch_size=per_worker_batch, shuffle=True
+        _dataset(ray.get(data.train)), batch_size=per_worker_batch, shuffle=True
     )
-    val_loader = DataLoader(_dataset(data.load("val")), batch_size=EVAL_BATCH)
+    val_loader = DataLoader(_dataset(ray.get(data.val)), batch_size=EVAL_BATCH)
 
     history = EpochHistory(model_config.epochs)
     tracking = MlflowEpochLogger(config["tracking"]["uri"], config["tracking"]["run_id"])
@@ -243,6 +258,7 @@ def _fit(
     scaling: ScalingConfig,
     use_gpu: bool,
     run_name: str,
+    storage: str,
     tracking: dict[str, str],
 ) -> Result:
     trainer = TorchTrainer(
@@ -251,14 +267,14 @@ def _fit(
             "params": params.model_dump(mode="json"),
             "model": name,
             "use_gpu": use_gpu,
-            "data_folder": str(Path(params.paths.prepared).resolve()),
+            "data": WorkerData.put(open_prepared(Path(params.paths.prepared))),
             "tracking": tracking,
         },
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(Path(params.train.storage_path).resolve()),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max"
             ),
@@ -290,6 +306,7 @@ def train_model(
     run_name = run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with ray_session(settings.ray_address):
         scaling, use_gpu = resolve_scaling(params)
+        storage = check_storage(params.train.storage_path)
         log.info(
             "training %s on %d Ray worker(s), %d CPU(s)%s each",
             name,
@@ -307,7 +324,9 @@ def train_model(
                     "ray.run_name": run_name,
                 }
             )
-            result = _fit(params, name, scaling, use_gpu, run_name, {"uri": uri, "run_id": run_id})
+            result = _fit(
+                params, name, scaling, use_gpu, run_name, storage, {"uri": uri, "run_id": run_id}
+            )
             returned: dict[str, Any] = result.return_value  # type: ignore[attr-defined]
             log.info("workers ran with %s", returned["runtime"])
             mlflow.set_tags({f"runtime.{k}": str(v) for k, v in returned["runtime"].items()})

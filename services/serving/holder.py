@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -67,7 +68,7 @@ class ModelHolder:
             self._refused = (number, time.monotonic())
             self.metrics.reloads.labels("failed").inc()
             raise ModelLoadError(f"version {number}: {error}") from error
-        previous = self._model
+        previous = self._model.version if self._model else None
         self._model = loaded
         self.last_error = None
         self.metrics.model_version.labels(loaded.name).set(float(loaded.version))
@@ -76,8 +77,14 @@ class ModelHolder:
             "now serving %s version %s%s",
             loaded.name,
             loaded.version,
-            f" (was {previous.version})" if previous else "",
+            f" (was {previous})" if previous else "",
         )
+        # Loading (MLflow, torch.export, ONNX) leaves a large heap; freezing it keeps the
+        # collector's full passes, which otherwise stall requests for tens of ms, short.
+        # Unfreezing first lets the replaced model's cycles be collected.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
         return True
 
     async def _poll(self) -> None:

@@ -31,7 +31,8 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 router = APIRouter()
 
 
-def serving(request: Request) -> ServingState:
+async def serving(request: Request) -> ServingState:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hop on every request
     state: ServingState = request.app.state.serving
     return state
 

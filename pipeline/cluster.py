@@ -1,0 +1,72 @@
+"""What a run needs from the Ray cluster it joins: storage every node can reach."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+
+class StorageError(ValueError):
+    """`train.storage_path` cannot hold checkpoints for this cluster."""
+
+
+def is_remote_uri(path: str) -> bool:
+    """s3://, gs://, ...: an object store Ray Train writes through pyarrow, reachable by all."""
+    scheme = urlparse(path).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter: a Windows drive
+
+
+def storage_uri(path: str) -> str:
+    """What Ray Train gets: a remote URI as is, a folder made absolute (the job's cwd is not
+    where the user stood)."""
+    return path if is_remote_uri(path) else str(Path(path).expanduser().resolve())
+
+
+@ray.remote(num_cpus=0)
+def _sees(probe: str) -> bool:
+    return Path(probe).is_file()
+
+
+def unreachable_nodes(folder: Path) -> list[str]:
+    """Alive nodes (IP and node id) on which `folder`, written here, does not show: node-local
+    storage. One zero-CPU task per node, pinned to it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".storage-probe-{uuid.uuid4().hex}"
+    probe.write_text("written by the driver; every Ray node must see this file\n")
+    try:
+        nodes = [node for node in ray.nodes() if node["Alive"]]
+        seen = ray.get(
+            [
+                _sees.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+                ).remote(str(probe))
+                for node in nodes
+            ]
+        )
+    finally:
+        probe.unlink(missing_ok=True)
+    return [
+        f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+        for node, ok in zip(nodes, seen, strict=True)
+        if not ok
+    ]
+
+
+def check_storage(path: str) -> str:
+    """The storage URI for Ray Train, after making sure every node of the connected cluster
+    can reach it; raises StorageError naming the nodes that cannot."""
+    uri = storage_uri(path)
+    if is_remote_uri(uri) or len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        return uri
+    missing = unreachable_nodes(Path(uri))
+    if missing:
+        raise StorageError(
+            f"train.storage_path: {uri} is local to the driver's node; Ray node(s) "
+            f"{', '.join(missing)} cannot see it, so checkpoints written there would be lost "
+            "to the run. Use a folder shared by every node (NFS, ...) or an s3:// URI."
+        )
+    return uri

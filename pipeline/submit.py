@@ -1,0 +1,134 @@
+"""Run the pipeline as a Ray job on a cluster: package the project, submit, follow, report.
+
+Ray's Jobs SDK does the work; this module decides what a job of ours runs and ships.
+Token auth needs nothing here: with `RAY_AUTH_MODE=token` the SDK sends `RAY_AUTH_TOKEN`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from pipeline.config import ModelName
+
+# Never uploaded: environments, data, caches, local tracking stores, outputs. The cluster
+# fetches its own data and writes to shared storage and the tracking server.
+EXCLUDES = [
+    ".venv/",
+    "venv/",
+    "data/",
+    "models/",
+    "mlruns/",
+    "mlartifacts/",
+    "mlflow.db",
+    ".ray_results/",
+    ".serving-cache/",
+    ".dvc/cache/",
+    ".dvc/tmp/",
+    "dvc_plots/",
+    "__pycache__/",
+    ".pytest_cache/",
+    ".mypy_cache/",
+    ".ruff_cache/",
+    "*.egg-info/",
+    "node_modules/",
+]
+# Passed to the job when set here: where to track, where the data is.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MNIST_MIRROR")
+TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+
+
+class SubmitError(RuntimeError):
+    """The cluster refused the job or could not be reached."""
+
+
+def train_entrypoint(model: ModelName, params_file: str, run_name: str) -> str:
+    """Shell command of a training job: the stages a local run goes through, same CLI."""
+    p = f"--params {shlex.quote(params_file)}"
+    steps = [
+        f"python -m pipeline fetch {p}",
+        f"python -m pipeline prepare {p}",
+        f"python -m pipeline train --model {model} {p} --run-name {shlex.quote(run_name)}",
+        f"python -m pipeline evaluate --model {model} {p}",
+        f"python -m pipeline register --model {model} {p}",
+    ]
+    return " && ".join(steps)
+
+
+def repro_entrypoint(targets: list[str]) -> str:
+    """Shell command of a whole-pipeline job: `dvc repro` in the uploaded project."""
+    return " ".join(["dvc", "repro", *(shlex.quote(t) for t in targets)])
+
+
+def runtime_env(project: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """The job's runtime env: the project (minus EXCLUDES) as working dir, and `env`."""
+    if not (project / "pipeline").is_dir():
+        raise SubmitError(f"{project} is not the project root (no pipeline/ package)")
+    for key, value in env.items():
+        if urlparse(value).password:
+            raise SubmitError(
+                f"{key} embeds a password; runtime env vars are visible on the dashboard. "
+                "Set credentials on the cluster nodes instead."
+            )
+    return {"working_dir": str(project), "excludes": EXCLUDES, "env_vars": dict(env)}
+
+
+def forwarded_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    return {k: environ[k] for k in FORWARDED_ENV if environ.get(k)} | dict(extra)
+
+
+def job_id(kind: str) -> str:
+    return f"mnist-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: str
+    status: JobStatus
+    message: str | None
+
+
+def connect(address: str) -> JobSubmissionClient:
+    """A Jobs client for the cluster at `address` (its dashboard URL), or a clear error."""
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {error}") from None
+
+
+def submit(
+    client: JobSubmissionClient, entrypoint: str, env: dict[str, Any], submission_id: str
+) -> str:
+    try:
+        return client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=env,
+            submission_id=submission_id,
+            metadata={"project": "mnist-pipeline"},
+        )
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise SubmitError(f"the cluster refused job {submission_id}: {error}") from None
+
+
+async def _stream(client: JobSubmissionClient, job: str, out: Callable[[str], None]) -> None:
+    async for chunk in client.tail_job_logs(job):
+        out(chunk)
+
+
+def follow(
+    client: JobSubmissionClient, job: str, out: Callable[[str], None], poll_s: float = 1.0
+) -> JobOutcome:
+    """Stream the job's logs to `out` until it ends; its final status."""
+    asyncio.run(_stream(client, job, out))
+    # The log stream can close a moment before the status turns terminal.
+    while (status := client.get_job_status(job)) not in TERMINAL:
+        time.sleep(poll_s)
+    return JobOutcome(job, status, client.get_job_info(job).message)
