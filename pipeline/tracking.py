@@ -12,17 +12,17 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -83,7 +83,11 @@ def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def git_commit() -> str:
-    """HEAD's commit, marked `-dirty` when tracked files differ from it."""
+    """HEAD's commit, marked `-dirty` when tracked files differ from it; in a Ray job (whose
+    upload has no .git) the commit `submit` read where the job was submitted."""
+    submitted = Settings().pipeline_git_commit
+    if submitted:
+        return submitted
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
@@ -155,23 +159,97 @@ def ensure_experiment(uri: str, name: str) -> None:
             raise
 
 
+RUN_NAME_PARAM = "ray.run_name"
+RESTARTS_TAG = "ray.restarts"
+RESUMES_TAG = "run.resumes"
+FAILURE_TAG = "failure"
+EPOCH_METRICS = ("train/loss", "val/loss", "val/accuracy")
+_UNFINISHED = {"RUNNING", "FAILED", "KILLED", "SCHEDULED"}
+
+
+@dataclass(frozen=True)
+class OpenRun:
+    run_id: str
+    resumed: bool
+
+
+def previous_run(
+    client: MlflowClient, experiment_id: str, name: ModelName, run_name: str
+) -> Run | None:
+    """The latest run of model `name` under `run_name`, if any (deleted runs are not seen)."""
+    runs = client.search_runs(
+        [experiment_id],
+        # run_name is restricted to [A-Za-z0-9._-], so it needs no escaping here.
+        filter_string=f"params.`{RUN_NAME_PARAM}` = '{run_name}' and tags.model_type = '{name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def resume_decision(
+    previous: Run | None, run_params: dict[str, str], data_digest: str
+) -> tuple[str | None, str]:
+    """(the run id to resume or None, why): only an unfinished run of the same params, Ray
+    scaling, storage and data is resumed; anything else starts a new run."""
+    if previous is None:
+        return None, "no earlier run of that name"
+    label = f"run {run_params[RUN_NAME_PARAM]} (MLflow run {previous.info.run_id})"
+    if previous.info.status not in _UNFINISHED:
+        return None, f"{label} is {previous.info.status}: a finished run is never resumed"
+    before = previous.data.params
+    changed = sorted(
+        k for k in run_params.keys() | before.keys() if before.get(k) != run_params.get(k)
+    )
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)} -> {run_params.get(k)}" for k in changed[:5])
+        return None, f"{label} is unfinished but had other parameters ({shown})"
+    if previous.data.tags.get("data.digest") != data_digest:
+        return None, f"{label} is unfinished but trained on other data"
+    return previous.info.run_id, f"{label} is {previous.info.status}"
+
+
 @contextmanager
 def training_run(
-    params: Params, name: ModelName, uri: str, prepared: Path, data_digest: str
-) -> Iterator[str]:
-    """Open the one MLflow run of this training (the driver's); yield its id.
+    params: Params,
+    name: ModelName,
+    uri: str,
+    prepared: Path,
+    data_digest: str,
+    run_name: str,
+    run_params: dict[str, str],
+) -> Iterator[OpenRun]:
+    """Open the one MLflow run of this training (the driver's): the unfinished run of the same
+    name, params and data if there is one (see `resume_decision`), else a new run.
 
     The run ends FINISHED when the block succeeds, FAILED when it raises.
     """
     mlflow.set_tracking_uri(uri)
     ensure_experiment(uri, params.mlflow.experiment)
-    mlflow.set_experiment(params.mlflow.experiment)
+    experiment = mlflow.set_experiment(params.mlflow.experiment)
+    logged = stage_params(params, name) | run_params | {RUN_NAME_PARAM: run_name}
+    previous = previous_run(MlflowClient(uri), experiment.experiment_id, name, run_name)
+    resume_id, why = resume_decision(previous, logged, data_digest)
+    if previous is not None:
+        log.info("%s: %s", why, "resuming it" if resume_id else "starting a new run")
     with mlflow.start_run(
-        run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", log_system_metrics=True
+        run_id=resume_id,
+        run_name=None if resume_id else f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        log_system_metrics=True,
     ) as run:
-        mlflow.log_params(stage_params(params, name))
+        tags = {"git_commit": git_commit()}
+        if previous is not None and resume_id:
+            resumes = int(previous.data.tags.get(RESUMES_TAG, "0")) + 1
+            mlflow.set_tags(tags | {RESUMES_TAG: str(resumes)})
+            if FAILURE_TAG in previous.data.tags:  # it described the attempt that stopped
+                mlflow.delete_tag(FAILURE_TAG)
+            yield OpenRun(run.info.run_id, resumed=True)
+            return
+        # Params first: a run killed right after this can still be matched when resumed.
+        mlflow.log_params(logged)
         mlflow.set_tags(
-            {"model_type": name, "git_commit": git_commit(), "data.digest": data_digest}
+            tags
+            | {"model_type": name, "data.digest": data_digest, RESTARTS_TAG: "0", RESUMES_TAG: "0"}
         )
         dataset = MetaDataset(  # type: ignore[abstract]  # concrete at run time
             source=resolve_dataset_source(str(prepared.resolve())),
@@ -179,28 +257,35 @@ def training_run(
             digest=dvc_hash(prepared),
         )
         mlflow.log_input(dataset, context="training")
-        yield run.info.run_id
+        yield OpenRun(run.info.run_id, resumed=False)
 
 
-class MlflowEpochLogger(pl.Callback):
-    """Rank 0 writes each epoch's metrics into the driver's run, at step = epoch."""
+def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
+    """The epochs the run has metrics for (all of `EPOCH_METRICS` go in one batch)."""
+    return {metric.step for metric in client.get_metric_history(run_id, "val/accuracy")}
 
-    KEYS = ("train/loss", "val/loss", "val/accuracy")
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri = uri
-        self.run_id = run_id
+def log_new_epochs(client: MlflowClient, run_id: str, rows: list[dict[str, float]]) -> None:
+    """Log each row's metrics at step = its epoch, except epochs the run already has: a resumed
+    or backfilled run never gets a second value for a step."""
+    done = logged_epochs(client, run_id)
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(row[key]), now, int(row["epoch"]))
+        for row in rows
+        if int(row["epoch"]) not in done
+        for key in EPOCH_METRICS
+        if key in row
+    ]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(trainer.callback_metrics[key]), now, trainer.current_epoch)
-            for key in self.KEYS
-            if key in trainer.callback_metrics
-        ]
-        MlflowClient(self.uri).log_batch(self.run_id, metrics=metrics)
+
+def count_restart(client: MlflowClient, run_id: str) -> int:
+    """Add one to the run's restart count; return the new count."""
+    count = int(client.get_run(run_id).data.tags.get(RESTARTS_TAG, "0")) + 1
+    client.set_tag(run_id, RESTARTS_TAG, str(count))
+    return count
 
 
 def signature() -> ModelSignature:

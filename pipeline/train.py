@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import pickle
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -23,7 +25,19 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from ray.exceptions import RayActorError
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    UserCallback,
+    WorkerGroupError,
+)
 from ray.train.lightning import (
     RayDDPStrategy,
     RayLightningEnvironment,
@@ -42,10 +56,13 @@ from pipeline.models.module import Classifier
 from pipeline.models.networks import build_network
 from pipeline.settings import Settings
 from pipeline.tracking import (
-    MlflowEpochLogger,
+    FAILURE_TAG,
+    count_restart,
     ensure_reachable,
     log_model,
+    log_new_epochs,
     log_training_curves,
+    logged_epochs,
     tracking_uri,
     training_run,
 )
@@ -55,6 +72,16 @@ log = logging.getLogger(__name__)
 MONITOR = "val/accuracy"
 HISTORY_COLUMNS = ("epoch", "train/loss", "val/loss", "val/accuracy")
 EVAL_BATCH = 1000
+# Also a folder name under train.storage_path and an MLflow search value: no quoting needed.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint to resume from cannot be read; the message names it."""
+
+
+class TrainingError(RuntimeError):
+    """Training failed beyond `train.max_failures`; the message names rank, epoch and cause."""
 
 
 class EpochHistory(pl.Callback):
@@ -123,6 +150,38 @@ class EpochHistory(pl.Callback):
         self.rows = list(state_dict["rows"])
 
 
+class RngState(pl.Callback):
+    """Checkpoints torch's generators (the only ones training draws from: dropout,
+    augmentation, loader seeds), so that an epoch after a resume draws what it would have
+    drawn without the interruption. Every rank has the same state (same seed, same draws),
+    so rank 0's, the one saved, fits all."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["cpu"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state_dict["cuda"])
+
+
+def verified_checkpoint(folder: Path) -> tuple[Path, int]:
+    """The Lightning file of a Ray checkpoint folder and the epoch it ended, once it loads.
+
+    Ray only commits a checkpoint after its files are fully copied, so a damaged one means
+    damaged storage: stop with its path rather than fail somewhere inside Lightning.
+    """
+    path = folder / RayTrainReportCallback.CHECKPOINT_NAME
+    try:
+        _, epoch = state_dict_from_lightning(path)
+    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {error}") from None
+    return path, epoch
+
+
 @dataclass(frozen=True)
 class WorkerData:
     """What workers train on: the splits in Ray's object store, reachable from every node."""
@@ -167,7 +226,6 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     val_loader = DataLoader(_dataset(ray.get(data.val)), batch_size=EVAL_BATCH)
 
     history = EpochHistory(model_config.epochs)
-    tracking = MlflowEpochLogger(config["tracking"]["uri"], config["tracking"]["run_id"])
     trainer = pl.Trainer(
         max_epochs=model_config.epochs,
         accelerator="gpu" if use_gpu else "cpu",
@@ -175,7 +233,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         precision="bf16-mixed" if use_gpu else "32-true",
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
-        callbacks=[history, tracking, RayTrainReportCallback()],
+        callbacks=[history, RngState(), RayTrainReportCallback()],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -188,8 +246,9 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         trainer.fit(module, train_loader, val_loader)
     else:
         with resume.as_directory() as folder:
-            log.info("resuming from %s", resume.path)
-            ckpt = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
+            ckpt, epoch = verified_checkpoint(Path(folder))
+            if ray.train.get_context().get_world_rank() == 0:
+                log.info("resuming at epoch %d from %s", epoch + 1, resume.path)
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt))
     return {"history": history.rows, "runtime": history.runtime}
 
@@ -252,14 +311,45 @@ def history_csv(history: list[dict[str, float]]) -> str:
     return buffer.getvalue()
 
 
+class RunRecorder(UserCallback):
+    """Runs in Ray Train's controller: writes each epoch into the MLflow run once Ray has
+    committed that epoch's checkpoint, and counts the restarts Ray makes.
+
+    Logging only committed epochs is what keeps steps unique: an epoch cut short by a failure
+    is redone from the previous checkpoint and logged once, when it completes.
+    """
+
+    def __init__(self, uri: str, run_id: str, max_failures: int) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.max_failures = max_failures
+        self.failures = 0
+
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
+        if checkpoint is None:
+            return
+        try:
+            log_new_epochs(MlflowClient(self.uri), self.run_id, [metrics[0]])
+        except (MlflowException, OSError) as error:
+            # Not fatal: the driver logs every epoch the run lacks when training ends.
+            log.warning("epoch %s not logged yet: %s", metrics[0].get("epoch"), error)
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1
+        if self.failures <= self.max_failures:  # as Ray's FailureConfig decides: a restart
+            count_restart(MlflowClient(self.uri), self.run_id)
+
+
 def _fit(
     params: Params,
     name: ModelName,
     scaling: ScalingConfig,
     use_gpu: bool,
-    run_name: str,
+    ray_name: str,
     storage: str,
-    tracking: dict[str, str],
+    recorder: RunRecorder,
 ) -> Result:
     trainer = TorchTrainer(
         worker_loop,  # type: ignore[arg-type]  # Ray hands rank 0's return value back
@@ -268,20 +358,65 @@ def _fit(
             "model": name,
             "use_gpu": use_gpu,
             "data": WorkerData.put(open_prepared(Path(params.paths.prepared))),
-            "tracking": tracking,
         },
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=run_name,
+            # Same name and storage as an earlier attempt: Ray resumes from its latest
+            # checkpoint (ray.train.get_checkpoint() on the workers).
+            name=ray_name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=params.train.max_failures),
+            # Type checkers see ray.train's V1 RunConfig; at run time it is V2's.
+            callbacks=[recorder],  # type: ignore[list-item]
         ),
     )
     return trainer.fit()
+
+
+def resume_epoch(run_path: str) -> int:
+    """The first epoch a resumed run trains: one past its latest committed checkpoint's."""
+    try:
+        result = Result.from_path(run_path)
+    except RuntimeError:  # no folder, or no checkpoint committed yet
+        return 0
+    except Exception as error:  # Ray's (internal) error for a damaged run snapshot
+        raise CheckpointError(
+            f"the checkpoints of {run_path} cannot be read ({error}); start a new run "
+            "(another --run-name) or remove that folder"
+        ) from None
+    if result.checkpoint is None:
+        return 0
+    with result.checkpoint.as_directory() as folder:
+        return verified_checkpoint(Path(folder))[1] + 1
+
+
+def _cause(error: BaseException) -> str:
+    """One line: the exception's type and the first line of its message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def describe_failure(
+    error: TrainingFailedError, name: ModelName, epoch: int, epochs: int, max_failures: int
+) -> str:
+    """Which worker, which epoch, why: dead workers first, as the others fail because of them."""
+    if isinstance(error, WorkerGroupError) and error.worker_failures:
+        failures = sorted(
+            error.worker_failures.items(),
+            key=lambda item: (not isinstance(item[1], RayActorError), item[0]),
+        )
+        causes = "; ".join(f"worker rank {rank}: {_cause(cause)}" for rank, cause in failures)
+    else:
+        causes = _cause(error)
+    return (
+        f"training {name} failed in epoch {epoch} (of 0-{epochs - 1}) after "
+        f"train.max_failures={max_failures} restart(s): {causes}"
+    )
 
 
 def _best_network(result: Result) -> tuple[dict[str, torch.Tensor], int]:
@@ -297,13 +432,18 @@ def train_model(
 ) -> TrainOutcome:
     """Train `name` on Ray workers inside one MLflow run; export and log its best checkpoint.
 
-    Nothing is written to `models/` unless training and logging both succeed.
+    `run_name` (default: the model's name) identifies the run: an unfinished run of the same
+    name, params and data is resumed from its latest checkpoint. Nothing is written to
+    `models/` unless training and logging both succeed.
     """
+    run_name = run_name or name
+    if not RUN_NAME.fullmatch(run_name):
+        raise ValueError(f"run name {run_name!r}: use letters, digits, '.', '_' and '-' only")
     paths = params.paths
     data = open_prepared(Path(paths.prepared))
     uri = tracking_uri(settings)
     ensure_reachable(uri)
-    run_name = run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    epochs = params.train.model(name).epochs
     with ray_session(settings.ray_address):
         scaling, use_gpu = resolve_scaling(params)
         storage = check_storage(params.train.storage_path)
@@ -314,23 +454,37 @@ def train_model(
             params.train.scaling.cpus_per_worker,
             " + 1 GPU" if use_gpu else "",
         )
-        with training_run(params, name, uri, Path(paths.prepared), data.digest) as run_id:
-            mlflow.log_params(
-                {
-                    "ray.num_workers": scaling.num_workers,
-                    "ray.cpus_per_worker": params.train.scaling.cpus_per_worker,
-                    "ray.gpus_per_worker": 1 if use_gpu else 0,
-                    "ray.cluster": "external" if settings.ray_address else "local",
-                    "ray.run_name": run_name,
-                }
-            )
-            result = _fit(
-                params, name, scaling, use_gpu, run_name, storage, {"uri": uri, "run_id": run_id}
-            )
+        run_params = {
+            "ray.num_workers": str(scaling.num_workers),
+            "ray.cpus_per_worker": str(params.train.scaling.cpus_per_worker),
+            "ray.gpus_per_worker": "1" if use_gpu else "0",
+            "ray.cluster": "external" if settings.ray_address else "local",
+            "ray.storage_path": storage,
+        }
+        prepared = Path(paths.prepared)
+        with training_run(params, name, uri, prepared, data.digest, run_name, run_params) as run:
+            # One Ray run folder per MLflow run: a new MLflow run never picks up old checkpoints.
+            ray_name = f"{run_name}-{run.run_id}"
+            if run.resumed:
+                start = resume_epoch(f"{storage.rstrip('/')}/{ray_name}")
+                log.info(
+                    "resuming run %s (MLflow run %s) from epoch %d", run_name, run.run_id, start
+                )
+            client = MlflowClient(uri)
+            recorder = RunRecorder(uri, run.run_id, params.train.max_failures)
+            try:
+                result = _fit(params, name, scaling, use_gpu, ray_name, storage, recorder)
+            except TrainingFailedError as error:
+                epoch = max(logged_epochs(client, run.run_id), default=-1) + 1
+                message = describe_failure(error, name, epoch, epochs, params.train.max_failures)
+                mlflow.set_tag(FAILURE_TAG, message)
+                raise TrainingError(message) from None
             returned: dict[str, Any] = result.return_value  # type: ignore[attr-defined]
             log.info("workers ran with %s", returned["runtime"])
             mlflow.set_tags({f"runtime.{k}": str(v) for k, v in returned["runtime"].items()})
             history: list[dict[str, float]] = returned["history"]
+            # Epochs committed just before an earlier driver died may not have been logged.
+            log_new_epochs(client, run.run_id, history)
             state, epoch = _best_network(result)
             best_row = next(row for row in history if int(row["epoch"]) == epoch)
             spec = ModelSpec.describe(
@@ -340,7 +494,7 @@ def train_model(
                 data.digest,
                 epoch=epoch,
                 val_accuracy=best_row[MONITOR],
-                run_id=run_id,
+                run_id=run.run_id,
             )
             net = spec.build().eval()
             net.load_state_dict(state)
