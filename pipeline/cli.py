@@ -41,7 +41,10 @@ def _fail_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileNotFoundError, RuntimeError, MlflowException) as error:
+        except typer.Exit:
+            raise
+        except (ValueError, OSError, RuntimeError, MlflowException) as error:
+            log.debug("traceback (shown with --verbose)", exc_info=True)
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
 

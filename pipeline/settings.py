@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     """Join this Ray cluster; unset starts a local Ray for the run."""
     ray_api_server_address: str | None = None
     """The Ray Jobs API (dashboard URL) `submit` talks to; unset: RAY_ADDRESS, then local."""
+    pipeline_git_commit: str | None = None
+    """The project's commit when it runs from a copy without .git (a Ray job's upload)."""
     mlflow_tracking_uri: str | None = None
     """The MLflow tracking server or store; unset means `sqlite:///mlflow.db` in the project."""
 

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ray.exceptions import RayError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline.config import ModelName
+from pipeline.tracking import git_commit
 
 # Never uploaded: environments, data, caches, local tracking stores, outputs. The cluster
 # fetches its own data and writes to shared storage and the tracking server.
@@ -64,8 +66,10 @@ def train_entrypoint(model: ModelName, params_file: str, run_name: str) -> str:
 
 
 def repro_entrypoint(targets: list[str]) -> str:
-    """Shell command of a whole-pipeline job: `dvc repro` in the uploaded project."""
-    return " ".join(["dvc", "repro", *(shlex.quote(t) for t in targets)])
+    """Shell command of a whole-pipeline job: `dvc repro` in the uploaded project, which has
+    no .git (Ray leaves it out), so DVC is told to do without."""
+    repro = " ".join(["dvc", "repro", *(shlex.quote(t) for t in targets)])
+    return f"dvc config --local core.no_scm true && {repro}"
 
 
 def runtime_env(project: Path, env: Mapping[str, str]) -> dict[str, Any]:
@@ -82,7 +86,10 @@ def runtime_env(project: Path, env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def forwarded_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    return {k: environ[k] for k in FORWARDED_ENV if environ.get(k)} | dict(extra)
+    """What the job gets: FORWARDED_ENV where set here, the commit (Ray leaves .git out of
+    the upload), then `extra`."""
+    forwarded = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+    return forwarded | {"PIPELINE_GIT_COMMIT": git_commit()} | dict(extra)
 
 
 def job_id(kind: str) -> str:
@@ -100,7 +107,7 @@ def connect(address: str) -> JobSubmissionClient:
     """A Jobs client for the cluster at `address` (its dashboard URL), or a clear error."""
     try:
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except (ConnectionError, RuntimeError, ValueError, RayError) as error:
         raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {error}") from None
 
 
@@ -114,7 +121,7 @@ def submit(
             submission_id=submission_id,
             metadata={"project": "mnist-pipeline"},
         )
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except (ConnectionError, RuntimeError, ValueError, RayError) as error:
         raise SubmitError(f"the cluster refused job {submission_id}: {error}") from None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, SMALL, raw_params, with_overrides
-
-
-def _copy_repo(target: Path) -> None:
-    """The tracked files (what a fresh clone has), as a new git repo."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        source = REPO / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    subprocess.run(["git", "init", "-q"], cwd=target, check=True)
+from tests.conftest import SMALL, copy_repo, raw_params, with_overrides
 
 
 def _dvc(repo: Path, *args: str, env: dict[str, str]) -> str:
@@ -44,7 +26,7 @@ def _dvc(repo: Path, *args: str, env: dict[str, str]) -> str:
 def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path: Path, mirror: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    _copy_repo(repo)
+    copy_repo(repo)
     params = with_overrides(raw_params(), SMALL | {"train.mlp.epochs": 2, "train.cnn.epochs": 2})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = os.environ | {
