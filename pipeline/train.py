@@ -398,7 +398,13 @@ def _cause(error: BaseException) -> str:
     """One line: the exception's type and the first line of its message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= 200 else text[:197] + "..."
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _unwrapped(error: Exception) -> Exception:
+    """A dead worker found by Ray's health check comes wrapped; its ActorDiedError is inside."""
+    inner = getattr(error, "health_check_failure", None)
+    return inner if isinstance(inner, Exception) else error
 
 
 def describe_failure(
@@ -407,15 +413,15 @@ def describe_failure(
     """Which worker, which epoch, why: dead workers first, as the others fail because of them."""
     if isinstance(error, WorkerGroupError) and error.worker_failures:
         failures = sorted(
-            error.worker_failures.items(),
+            ((rank, _unwrapped(cause)) for rank, cause in error.worker_failures.items()),
             key=lambda item: (not isinstance(item[1], RayActorError), item[0]),
         )
         causes = "; ".join(f"worker rank {rank}: {_cause(cause)}" for rank, cause in failures)
     else:
         causes = _cause(error)
     return (
-        f"training {name} failed in epoch {epoch} (of 0-{epochs - 1}) after "
-        f"train.max_failures={max_failures} restart(s): {causes}"
+        f"training {name} failed in epoch {epoch} (of 0-{epochs - 1}), beyond "
+        f"train.max_failures={max_failures}: {causes}"
     )
 
 
