@@ -361,6 +361,11 @@ def test_killed_driver_rerun_resumes_the_unfinished_run(
     before = the_run(client, "ft-driver")
     assert before is not None
     assert before.info.status == "RUNNING"  # SIGKILL: nobody could close it
+    # What a copy cut short by a crash leaves: a newer checkpoint folder, half a file. Ray
+    # never committed it, so it must not be what the run resumes from.
+    stray = tmp_path / "ray" / f"ft-driver-{before.info.run_id}" / "checkpoint_2999-01-01_00-00"
+    stray.mkdir()
+    (stray / "checkpoint.ckpt").write_bytes(b"PK\x03\x04 cut short")
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
     assert second.returncode == 0, second.stderr[-3000:]
