@@ -111,18 +111,32 @@ def connect(address: str) -> JobSubmissionClient:
         raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {error}") from None
 
 
+# A head that has just started answers this until its job agent has registered.
+_AGENT_NOT_READY = "No available agent"
+
+
 def submit(
-    client: JobSubmissionClient, entrypoint: str, env: dict[str, Any], submission_id: str
+    client: JobSubmissionClient,
+    entrypoint: str,
+    env: dict[str, Any],
+    submission_id: str,
+    agent_wait_s: float = 60.0,
 ) -> str:
-    try:
-        return client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=env,
-            submission_id=submission_id,
-            metadata={"project": "mnist-pipeline"},
-        )
-    except (ConnectionError, RuntimeError, ValueError, RayError) as error:
-        raise SubmitError(f"the cluster refused job {submission_id}: {error}") from None
+    """Submit; waits up to `agent_wait_s` for a just-started head's job agent."""
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=env,
+                submission_id=submission_id,
+                metadata={"project": "mnist-pipeline"},
+            )
+        except (ConnectionError, RuntimeError, ValueError, RayError) as error:
+            if _AGENT_NOT_READY in str(error) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise SubmitError(f"the cluster refused job {submission_id}: {error}") from None
 
 
 async def _stream(client: JobSubmissionClient, job: str, out: Callable[[str], None]) -> None:

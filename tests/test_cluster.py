@@ -66,6 +66,14 @@ def _alive_nodes(gcs: str, env: dict[str, str]) -> int:
     return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else 0
 
 
+def _agent_ports() -> list[str]:
+    """Ports Ray otherwise takes fixed defaults for (52365, ...): another Ray on this machine
+    (a test session's local one) would hold them, and this node's job agent would not start."""
+    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port")
+    flags += ("--runtime-env-agent-port", "--metrics-export-port")
+    return [part for flag in flags for part in (flag, str(free_port()))]
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Head (1 CPU) + a second node (1 CPU): a 2-worker run must span both."""
@@ -88,13 +96,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "--dashboard-port", str(dashboard),
             "--num-cpus", "1",
             "--temp-dir", temp_dir,
+            "--ray-client-server-port", str(free_port()),
+            *_agent_ports(),
             "--disable-usage-stats",
         ],
         root / "head.log",
         env,
     )  # fmt: skip
     gcs = f"127.0.0.1:{port}"
-    join = f"ray start --block --address {gcs} --num-cpus 1 --temp-dir {node_temp_dir}"
+    join = " ".join(
+        ["ray start --block --address", gcs, "--num-cpus 1 --temp-dir", node_temp_dir]
+        + _agent_ports()
+    )
     node_command = (
         ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {local} && exec {join}"]
         if CAN_MASK
@@ -248,6 +261,20 @@ def test_ray_job_submit_cli_runs_the_stages(
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
     assert len([v for v in _registered(mlflow_server) if v.version not in before]) == 1
+
+
+def test_submit_repro_runs_dvc_in_the_job(cluster: Cluster, tmp_path: Path, mirror: Path) -> None:
+    """DVC runs in the upload, which has no .git; fetch and prepare are cheap targets."""
+    project = _project(tmp_path, cluster.shared_folder / "repro")
+
+    done = _submit_cli(
+        project, cluster, cluster.token, "repro", "prepare", MNIST_MIRROR=str(mirror)
+    )
+
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "Running stage 'fetch'" in done.stdout
+    assert "Running stage 'prepare'" in done.stdout
+    assert "SUCCEEDED" in done.stderr
 
 
 def test_upload_leaves_out_environments_data_and_stores(cluster: Cluster, tmp_path: Path) -> None:
