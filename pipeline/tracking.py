@@ -281,11 +281,10 @@ def log_new_epochs(client: MlflowClient, run_id: str, rows: list[dict[str, float
         client.log_batch(run_id, metrics=metrics)
 
 
-def count_restart(client: MlflowClient, run_id: str) -> int:
-    """Add one to the run's restart count; return the new count."""
+def count_restart(client: MlflowClient, run_id: str) -> None:
+    """Add one to the run's restart count (a tag: it survives driver resumes)."""
     count = int(client.get_run(run_id).data.tags.get(RESTARTS_TAG, "0")) + 1
     client.set_tag(run_id, RESTARTS_TAG, str(count))
-    return count
 
 
 def signature() -> ModelSignature:

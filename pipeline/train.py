@@ -338,8 +338,13 @@ class RunRecorder(UserCallback):
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         self.failures += 1
-        if self.failures <= self.max_failures:  # as Ray's FailureConfig decides: a restart
+        if self.failures > self.max_failures:  # as Ray's FailureConfig decides: no restart
+            return
+        try:
             count_restart(MlflowClient(self.uri), self.run_id)
+        except (MlflowException, OSError) as error:
+            # Never let bookkeeping stop the restart itself.
+            log.warning("restart %d not recorded: %s", self.failures, error)
 
 
 def _fit(

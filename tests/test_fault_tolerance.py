@@ -283,7 +283,8 @@ def test_killed_worker_restarts_from_the_last_checkpoint_in_the_same_run(
         f" s uninterrupted"
         f"\nfinal val/accuracy {outcome.history[-1]['val/accuracy']:.4f} vs "
         f"{expected.history[-1]['val/accuracy']:.4f} uninterrupted: "
-        f"{difference * 100:+.2f} pp"
+        f"{difference * 100:+.2f} pp; final val/loss {outcome.history[-1]['val/loss']:.6f} vs "
+        f"{expected.history[-1]['val/loss']:.6f}"
     )
 
 
