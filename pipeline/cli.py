@@ -94,7 +94,11 @@ def train(
     model: ModelOption,
     params: ParamsOption = DEFAULT_PARAMS_FILE,
     run_name: Annotated[
-        str | None, typer.Option(help="Ray Train run name (default: model and time).")
+        str | None,
+        typer.Option(
+            help="Run name (default: the model's); an unfinished run of the same name, params "
+            "and data resumes from its latest checkpoint."
+        ),
     ] = None,
 ) -> None:
     """Train one model on Ray Train workers and export its best checkpoint."""
