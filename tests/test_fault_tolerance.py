@@ -404,7 +404,10 @@ def test_killed_driver_rerun_resumes_the_unfinished_run(
 
 
 @pytest.mark.slow
-def test_interrupted_dvc_repro_then_repro_finishes(tmp_path: Path, mirror: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_interrupted_dvc_repro_then_repro_finishes(
+    signum: signal.Signals, tmp_path: Path, mirror: Path
+) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     copy_repo(repo)
@@ -417,7 +420,7 @@ def test_interrupted_dvc_repro_then_repro_finishes(tmp_path: Path, mirror: Path)
         env.pop(unset, None)
     repro = [sys.executable, "-m", "dvc", "repro", "train@mlp"]
 
-    # Ctrl-C, as a terminal sends it: SIGINT to the whole foreground process group.
+    # To the whole process group, as a terminal sends Ctrl-C: dvc, the stage, its Ray.
     with (tmp_path / "first.log").open("wb") as sink:
         first = subprocess.Popen(
             repro, cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
@@ -429,12 +432,15 @@ def test_interrupted_dvc_repro_then_repro_finishes(tmp_path: Path, mirror: Path)
                 300,
                 "two checkpoints",
             )
-            os.killpg(first.pid, signal.SIGINT)
-            first.wait(timeout=120)
+            workers = train_workers(psutil.Process(first.pid))
+            os.killpg(first.pid, signum)
+            first.wait(timeout=120)  # reaped: dvc's lock names a pid that must be gone
         finally:
             if first.poll() is None:
                 os.killpg(first.pid, signal.SIGKILL)
                 first.wait()
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"Ray workers outlived the interrupted stage: {alive}"
     assert first.returncode != 0
     # Nothing half-written: no model, no curves, no staging folders of atomic writes.
     assert not (repo / "models" / "mlp").exists()
