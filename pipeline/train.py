@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,8 @@ class TrainingError(RuntimeError):
 
 
 class EpochHistory(pl.Callback):
-    """Per-epoch metrics, per-rank sample counts and the runtime; history survives resumes.
+    """Per-epoch metrics, per-rank sample counts, timings and the runtime; history survives
+    resumes.
 
     Must precede `RayTrainReportCallback`: the counts it logs are part of each report.
     """
@@ -94,8 +95,12 @@ class EpochHistory(pl.Callback):
         self.total_epochs = total_epochs
         self.rows: list[dict[str, float]] = []
         self.runtime: dict[str, Any] = {}
+        # Per epoch: its wall-clock start and its training + validation seconds. The time from
+        # one start to the next adds what happens between epochs (checkpoint, report to Ray).
+        self.timings: list[dict[str, float]] = []
         self._samples = 0
         self._started = 0.0
+        self._wall_started = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         distributed = torch.distributed.is_initialized()
@@ -110,6 +115,7 @@ class EpochHistory(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._samples = 0
         self._started = time.perf_counter()
+        self._wall_started = time.time()
 
     def on_train_batch_end(
         self,
@@ -132,6 +138,10 @@ class EpochHistory(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         row = {"epoch": float(trainer.current_epoch)} | metrics
         self.rows.append(row)
+        elapsed = time.perf_counter() - self._started
+        self.timings.append(
+            {"epoch": row["epoch"], "started": self._wall_started, "train_val_s": elapsed}
+        )
         if trainer.is_global_zero:
             log.info(
                 "epoch %d/%d  train/loss %.4f  val/loss %.4f  val/accuracy %.4f  (%.1f s)",
@@ -140,14 +150,15 @@ class EpochHistory(pl.Callback):
                 row.get("train/loss", float("nan")),
                 row.get("val/loss", float("nan")),
                 row.get("val/accuracy", float("nan")),
-                time.perf_counter() - self._started,
+                elapsed,
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
+        return {"rows": self.rows, "timings": self.timings}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])
+        self.timings = list(state_dict.get("timings", []))
 
 
 class RngState(pl.Callback):
@@ -250,7 +261,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             if ray.train.get_context().get_world_rank() == 0:
                 log.info("resuming at epoch %d from %s", epoch + 1, resume.path)
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt))
-    return {"history": history.rows, "runtime": history.runtime}
+    return {"history": history.rows, "runtime": history.runtime, "timings": history.timings}
 
 
 @contextmanager
@@ -297,6 +308,8 @@ class TrainOutcome:
     history: list[dict[str, float]]
     runtime: dict[str, Any]
     run_path: str
+    # Rank 0's epochs: wall-clock start and training + validation seconds (EpochHistory).
+    timings: list[dict[str, float]] = field(default_factory=list)
 
 
 def history_csv(history: list[dict[str, float]]) -> str:
@@ -516,4 +529,6 @@ def train_model(
             mlflow.set_tag("model_uri", model_uri)
             model_file = save_model(Path(paths.models) / name, net, spec)
             write_text(Path(paths.plots) / name / "history.csv", history_csv(history))
-    return TrainOutcome(model_file, spec, history, returned["runtime"], result.path)
+    return TrainOutcome(
+        model_file, spec, history, returned["runtime"], result.path, returned["timings"]
+    )
