@@ -42,7 +42,12 @@ class Classifier(pl.LightningModule):
     def __init__(self, net: nn.Module, optim: OptimConfig) -> None:
         super().__init__()
         self.save_hyperparameters({"optim": optim.model_dump()})
-        self.net = net
+        # Channels-last convolution weights make every activation channels-last: oneDNN's
+        # fast path on CPUs (a quarter less time per CNN training step on 2 cores, see
+        # bench/training.py), tensor cores' on GPUs. Same values and outputs; only 4-D
+        # weights change layout (the MLP has none), in place. Exported models are rebuilt
+        # from the state_dict in the usual layout.
+        self.net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.optim = optim
         self.val_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
