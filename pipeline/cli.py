@@ -118,6 +118,35 @@ def train(
 
 @app.command()
 @_fail_cleanly
+def tune(
+    model: ModelOption,
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Search name (default: tune-<model>); an unfinished one resumes."),
+    ] = None,
+) -> None:
+    """Search hyperparameters (Ray Tune: Optuna + ASHA); write the best as a params file."""
+    from pipeline.tune import tune_model
+
+    outcome = tune_model(_params(params), model, Settings(), name)
+    log.info(
+        "%s: best val/accuracy %.4f (trial %s) of %d trials (%d stopped early, %d failed) "
+        "in %.0f s -> %s",
+        outcome.search_name,
+        outcome.best_accuracy,
+        outcome.best_trial,
+        outcome.trials,
+        outcome.stopped_early,
+        outcome.failed,
+        outcome.wall_s,
+        outcome.best_file,
+    )
+    typer.echo(f"retrain, evaluate and register it with:\n  {outcome.apply_command}")
+
+
+@app.command()
+@_fail_cleanly
 def evaluate(model: ModelOption, params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     """Score a trained model on the test split; write metrics and plots."""
     from pipeline import evaluate as stage

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -43,6 +44,7 @@ class PathsConfig(StrictModel):
     metrics: str = "metrics"
     plots: str = "plots"
     reports: str = "reports"
+    tune: str = "tune"  # the best configuration each search found (`mnist-pipeline tune`)
 
 
 class FetchConfig(StrictModel):
@@ -139,6 +141,209 @@ class RegisterConfig(StrictModel):
     min_improvement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.001
 
 
+class LogUniform(StrictModel):
+    low: PositiveFloat
+    high: PositiveFloat
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LogUniform:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, float) and self.low <= value <= self.high
+
+
+class DropoutRange(StrictModel):
+    low: Dropout
+    high: Dropout
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DropoutRange:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, float) and self.low <= value <= self.high
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    if len({repr(v) for v in values}) != len(values):
+        raise ValueError("choices must differ from each other")
+    return values
+
+
+CnnChannels = Annotated[list[PositiveInt], Field(min_length=1, max_length=4)]
+
+
+class MLPPoint(StrictModel):
+    """A whole configuration, tried before the sampled ones (e.g. the current defaults)."""
+
+    lr: PositiveFloat
+    dropout: Dropout
+    batch_size: PositiveInt
+    hidden_sizes: list[PositiveInt]
+
+
+class CNNPoint(StrictModel):
+    """A whole configuration, tried before the sampled ones (e.g. the current defaults)."""
+
+    lr: PositiveFloat
+    dropout: Dropout
+    batch_size: PositiveInt
+    channels: CnnChannels
+
+
+class SearchSpace(StrictModel):
+    """What one model's search samples. `epochs` is each trial's budget (ASHA's max_t)."""
+
+    num_samples: PositiveInt = Field(description="trials in the search")
+    epochs: PositiveInt = Field(description="max epochs per trial; ASHA stops the weak earlier")
+    lr: LogUniform
+    dropout: DropoutRange
+    batch_size: list[PositiveInt] = Field(min_length=1)
+    WIDTH_KEY: ClassVar[str] = ""
+
+    @field_validator("batch_size")
+    @classmethod
+    def _unique_batches(cls, values: list[int]) -> list[int]:
+        return _unique(values)
+
+    def width(self) -> list[list[int]]:
+        """The choices of network width (hidden sizes or channels)."""
+        raise NotImplementedError
+
+    def start_points(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _check_points(self, points: list[MLPPoint] | list[CNNPoint]) -> None:
+        for index, point in enumerate(points):
+            values = point.model_dump()
+            where = f"start_from.{index}"
+            if values["lr"] not in self.lr:
+                raise ValueError(f"{where}.lr: {values['lr']} is outside lr [low, high]")
+            if values["dropout"] not in self.dropout:
+                raise ValueError(
+                    f"{where}.dropout: {values['dropout']} is outside dropout [low, high]"
+                )
+            if values["batch_size"] not in self.batch_size:
+                raise ValueError(f"{where}.batch_size: {values['batch_size']} is not a choice")
+            if values[self.WIDTH_KEY] not in self.width():
+                raise ValueError(
+                    f"{where}.{self.WIDTH_KEY}: {values[self.WIDTH_KEY]} is not a choice"
+                )
+        if len(points) > self.num_samples:
+            raise ValueError(
+                f"start_from: {len(points)} points, more than num_samples ({self.num_samples})"
+            )
+
+
+class MLPSearch(SearchSpace):
+    hidden_sizes: list[Annotated[list[PositiveInt], Field(min_length=1)]] = Field(min_length=1)
+    start_from: list[MLPPoint] = []
+    WIDTH_KEY: ClassVar[str] = "hidden_sizes"
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _unique_widths(cls, values: list[list[int]]) -> list[list[int]]:
+        return _unique(values)
+
+    @model_validator(mode="after")
+    def _points_inside(self) -> MLPSearch:
+        self._check_points(self.start_from)
+        return self
+
+    def width(self) -> list[list[int]]:
+        return self.hidden_sizes
+
+    def start_points(self) -> list[dict[str, Any]]:
+        return [point.model_dump() for point in self.start_from]
+
+
+class CNNSearch(SearchSpace):
+    channels: list[CnnChannels] = Field(min_length=1)
+    start_from: list[CNNPoint] = []
+    WIDTH_KEY: ClassVar[str] = "channels"
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_widths(cls, values: list[list[int]]) -> list[list[int]]:
+        return _unique(values)
+
+    @model_validator(mode="after")
+    def _points_inside(self) -> CNNSearch:
+        self._check_points(self.start_from)
+        return self
+
+    def width(self) -> list[list[int]]:
+        return self.channels
+
+    def start_points(self) -> list[dict[str, Any]]:
+        return [point.model_dump() for point in self.start_from]
+
+
+class AshaConfig(StrictModel):
+    grace_period: PositiveInt = Field(default=1, description="epochs before a trial can stop")
+    reduction_factor: Annotated[int, Field(ge=2)] = 2
+
+
+class TrialScaling(StrictModel):
+    """Ray Train workers of one trial (GPUs: as `train.scaling.use_gpu`)."""
+
+    num_workers: PositiveInt = 1
+    cpus_per_worker: PositiveInt = 1
+
+
+class TuneConfig(StrictModel):
+    scaling: TrialScaling = TrialScaling()
+    max_concurrent_trials: PositiveInt | None = Field(
+        default=None, description="null: as many trials as the cluster's CPUs (GPUs) fit"
+    )
+    train_limit: PositiveInt | None = Field(
+        default=None, description="train each trial on this many images (seeded); null: all"
+    )
+    scheduler: AshaConfig = AshaConfig()
+    # Defaults for a params file without the section; params.yaml states its own.
+    mlp: MLPSearch = MLPSearch(
+        num_samples=12,
+        epochs=6,
+        lr=LogUniform(low=3e-4, high=1e-2),
+        dropout=DropoutRange(low=0.0, high=0.4),
+        batch_size=[64, 128, 256],
+        hidden_sizes=[[256], [512, 256], [1024, 512]],
+    )
+    cnn: CNNSearch = CNNSearch(
+        num_samples=8,
+        epochs=4,
+        lr=LogUniform(low=1e-3, high=3e-2),
+        dropout=DropoutRange(low=0.0, high=0.3),
+        batch_size=[64, 128, 256],
+        channels=[[16, 32, 64], [32, 64, 128], [32, 64, 128, 256]],
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneConfig:
+        for name in MODEL_NAMES:
+            space = self.model(name)
+            if self.scheduler.grace_period > space.epochs:
+                raise ValueError(
+                    f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds "
+                    f"{name}.epochs ({space.epochs})"
+                )
+            uneven = [b for b in space.batch_size if b % self.scaling.num_workers]
+            if uneven:
+                raise ValueError(
+                    f"{name}.batch_size: {uneven} not a multiple of scaling.num_workers "
+                    f"({self.scaling.num_workers})"
+                )
+        return self
+
+    def model(self, name: ModelName) -> MLPSearch | CNNSearch:
+        return self.mlp if name == "mlp" else self.cnn
+
+
 class Params(StrictModel):
     seed: NonNegativeInt = 42
     paths: PathsConfig = PathsConfig()
@@ -149,6 +354,7 @@ class Params(StrictModel):
     mlflow: MlflowConfig = MlflowConfig()
     # `register` would shadow BaseModel.register (ABCMeta); the YAML key stays `register`.
     register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _train_split_covers_workers(self) -> Params:
@@ -186,10 +392,22 @@ def parse_params(raw: Any, source: str = "params") -> Params:
         raise ParamsError(format_validation_error(error, source)) from None
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML 1.1, plus YAML 1.2's floats without a dot (`1e-05`): what `dvc exp run -S` writes
+    for a value such as 0.00001, which plain PyYAML would read as a string."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_params(path: Path = DEFAULT_PARAMS_FILE) -> Params:
     """Read and validate a params file."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=ParamsLoader)  # a SafeLoader: no objects
     except FileNotFoundError:
         raise ParamsError(f"{path}: no such params file") from None
     except yaml.YAMLError as error:
