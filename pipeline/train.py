@@ -46,7 +46,7 @@ from ray.train.lightning import (
     prepare_trainer,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.artifact import ModelSpec, save_model, state_dict_from_lightning
 from pipeline.cluster import check_storage
@@ -207,20 +207,31 @@ class WorkerData:
         return cls(ray.put(data.load("train")), ray.put(data.load("val")), data.normalization)
 
 
-def _dataset(arrays: SplitArrays) -> TensorDataset:
-    return TensorDataset(torch.from_numpy(arrays.images), torch.from_numpy(arrays.labels).long())
+class SplitRows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A split as two tensors; an item is a whole batch: (images, labels) at a tensor of
+    indices, taken with one `index_select` each (faster than advanced indexing)."""
+
+    def __init__(self, arrays: SplitArrays) -> None:
+        self.images = torch.from_numpy(arrays.images)
+        self.labels = torch.from_numpy(arrays.labels).long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
 class ShardBatches(Sampler[torch.Tensor]):
     """One worker's batches of a split, each a tensor of indices: what DistributedSampler
     and a batching DataLoader give, without their per-sample cost.
 
-    With it the DataLoader (batch_size=None) fetches each batch with one indexing of the
-    split's tensors, instead of indexing and collating batch_size samples one by one, which
-    cost a tenth of an MLP epoch on 2 CPUs (bench/training.py). Sharding as DistributedSampler:
-    the order is shuffled with `seed + epoch` (Lightning calls set_epoch, so a resumed run
-    draws the same order), padded by wrapping around so that every rank gets as many samples,
-    and rank r takes every world_size-th index from r.
+    With it the DataLoader (batch_size=None) fetches each batch whole from `SplitRows`
+    instead of indexing and collating batch_size samples one by one: 0.012 instead of 0.13
+    CPU-seconds per epoch of 55,000 images, about 5% of an MLP epoch on one core. Sharding
+    as DistributedSampler: the order is shuffled with `seed + epoch` (Lightning calls
+    set_epoch, so a resumed run draws the same order), padded by wrapping around so that
+    every rank gets as many samples, and rank r takes every world_size-th index from r.
     """
 
     def __init__(
@@ -262,7 +273,7 @@ def make_loaders(
     in batches of EVAL_BATCH, in order."""
 
     def loader(arrays: SplitArrays, batch: int, shuffle: bool) -> DataLoader[Any]:
-        dataset = _dataset(arrays)
+        dataset = SplitRows(arrays)
         sampler = ShardBatches(len(dataset), batch, rank, world_size, shuffle, seed)
         # batch_size=None: each index tensor the sampler yields is fetched as one batch.
         return DataLoader(dataset, sampler=sampler, batch_size=None)
