@@ -285,7 +285,7 @@ class CNNSearch(SearchSpace):
 
 
 class AshaConfig(StrictModel):
-    grace_period: PositiveInt = Field(default=1, description="epochs before a trial can stop")
+    grace_period: PositiveInt = Field(default=2, description="epochs before a trial can stop")
     reduction_factor: Annotated[int, Field(ge=2)] = 2
 
 
