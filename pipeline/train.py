@@ -26,7 +26,6 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.exceptions import RayActorError
 from ray.train import (
@@ -36,7 +35,6 @@ from ray.train import (
     RunConfig,
     ScalingConfig,
     TrainingFailedError,
-    UserCallback,
     WorkerGroupError,
 )
 from ray.train.lightning import (
@@ -55,10 +53,10 @@ from pipeline.data import Normalization, PreparedData, SplitArrays, open_prepare
 from pipeline.io import write_text
 from pipeline.models.module import Classifier
 from pipeline.models.networks import build_network
+from pipeline.recorder import RunRecorder
 from pipeline.settings import Settings
 from pipeline.tracking import (
     FAILURE_TAG,
-    count_restart,
     ensure_reachable,
     log_model,
     log_new_epochs,
@@ -398,42 +396,6 @@ def history_csv(history: list[dict[str, float]]) -> str:
             {k: int(row[k]) if k == "epoch" else f"{row[k]:.6f}" for k in HISTORY_COLUMNS}
         )
     return buffer.getvalue()
-
-
-class RunRecorder(UserCallback):
-    """Runs in Ray Train's controller: writes each epoch into the MLflow run once Ray has
-    committed that epoch's checkpoint, and counts the restarts Ray makes.
-
-    Logging only committed epochs is what keeps steps unique: an epoch cut short by a failure
-    is redone from the previous checkpoint and logged once, when it completes.
-    """
-
-    def __init__(self, uri: str, run_id: str, max_failures: int) -> None:
-        self.uri = uri
-        self.run_id = run_id
-        self.max_failures = max_failures
-        self.failures = 0
-
-    def after_report(
-        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
-    ) -> None:
-        if checkpoint is None:
-            return
-        try:
-            log_new_epochs(MlflowClient(self.uri), self.run_id, [metrics[0]])
-        except (MlflowException, OSError) as error:
-            # Not fatal: the driver logs every epoch the run lacks when training ends.
-            log.warning("epoch %s not logged yet: %s", metrics[0].get("epoch"), error)
-
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        self.failures += 1
-        if self.failures > self.max_failures:  # as Ray's FailureConfig decides: no restart
-            return
-        try:
-            count_restart(MlflowClient(self.uri), self.run_id)
-        except (MlflowException, OSError) as error:
-            # Never let bookkeeping stop the restart itself.
-            log.warning("restart %d not recorded: %s", self.failures, error)
 
 
 def _fit(
