@@ -43,8 +43,8 @@ class Classifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters({"optim": optim.model_dump()})
         # Channels-last convolution weights make every activation channels-last: oneDNN's
-        # fast path on CPUs (a quarter less time per CNN training step on 2 cores, see
-        # bench/training.py), tensor cores' on GPUs. Same values and outputs; only 4-D
+        # fast path on CPUs (a quarter less time per CNN training step, on 1 or 2 threads;
+        # bench/README.md), tensor cores' on GPUs. Same values and outputs; only 4-D
         # weights change layout (the MLP has none), in place. Exported models are rebuilt
         # from the state_dict in the usual layout.
         self.net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -66,8 +66,8 @@ class Classifier(pl.LightningModule):
             x = random_affine(x)
         loss = F.cross_entropy(self(x), labels, label_smoothing=self.optim.label_smoothing)
         # The epoch's mean loss (weighted by batch size, as on_epoch=True gives), logged once
-        # at the last batch: `self.log` on every step cost a tenth of an MLP step on 2 CPUs
-        # (bench/training.py). Logged before the epoch-end hooks, which read it.
+        # at the last batch: `self.log` on every step cost a tenth of an MLP step (py-spy,
+        # bench/README.md). Logged before the epoch-end hooks, which read it.
         self._loss_sum += loss.detach() * len(labels)
         self._samples += len(labels)
         if self.trainer.is_last_batch:
