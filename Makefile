@@ -9,7 +9,7 @@ MNIST_MIRROR ?= $(if $(wildcard ../shared/mnist),$(abspath ../shared/mnist))
 export MNIST_MIRROR
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint plots clean ui
+.PHONY: help install run test lint plots clean ui bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,14 @@ plots: install ## Render the DVC plots to dvc_plots/index.html
 
 clean: ## Remove pipeline outputs (not .venv, the DVC cache or the MLflow store)
 	rm -rf data models metrics plots reports .ray_results dvc_plots
+
+bench: install ## Run the benchmarks, results in bench/results/ (about an hour on 2 CPUs)
+	$(VENV)/bin/python bench/training.py
+	$(VENV)/bin/python bench/pipeline.py
+	$(VENV)/bin/python bench/serving.py
+	@if $(VENV)/bin/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; \
+	then $(VENV)/bin/python bench/gpu.py; else echo "no CUDA device: bench/gpu.py skipped"; fi
+	$(VENV)/bin/python bench/accuracy.py
 
 ui: install ## Browse the MLflow UI of the embedded store (http://127.0.0.1:5000)
 	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
