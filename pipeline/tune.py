@@ -14,6 +14,7 @@ is recorded once even across interruptions. The best configuration is written as
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -427,6 +428,9 @@ class TrialRecorder:
         self.log_epochs(run_id, rows)
         tags = []
         if status == "FINISHED":
+            # What the run holds, not `rows`: after a hard kill, Tune's snapshot can lag epochs
+            # already logged live, and the summary must agree with the curves.
+            rows = logged_epochs(client, run_id)
             trained = len(rows)
             stopped = trained < self.epochs
             tags = [
@@ -452,6 +456,15 @@ class TrialRecorder:
         elif error:
             client.set_tag(run_id, FAILURE_TAG, error)
         client.set_terminated(run_id, status=status)
+
+
+def logged_epochs(client: MlflowClient, run_id: str) -> list[dict[str, float]]:
+    """The run's per-epoch metrics as rows (`epoch` = step), in epoch order."""
+    by_epoch: dict[int, dict[str, float]] = {}
+    for key in EPOCH_METRICS:
+        for metric in client.get_metric_history(run_id, key):
+            by_epoch.setdefault(metric.step, {"epoch": float(metric.step)})[key] = metric.value
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def _first_line(error: BaseException | str | None) -> str:
@@ -594,9 +607,13 @@ def read_trials(path: str) -> list[TrialSummary]:
     return summaries
 
 
-def reconcile(recorder: TrialRecorder, trials: list[TrialSummary], epochs: int) -> None:
+def reconcile(
+    recorder: TrialRecorder, trials: list[TrialSummary], epochs: int
+) -> list[TrialSummary]:
     """Make each child run agree with Tune's saved state: every epoch logged once, ended
-    trials FINISHED (or FAILED), trials an interruption cut short KILLED (resumable)."""
+    trials FINISHED (or FAILED), trials an interruption cut short KILLED (resumable).
+    Returns the trials with the epochs their runs hold."""
+    recorded = []
     for trial in trials:
         existing = recorder.find(trial.trial_id)
         if trial.status == Trial.TERMINATED:
@@ -606,16 +623,23 @@ def reconcile(recorder: TrialRecorder, trials: list[TrialSummary], epochs: int) 
         else:
             status = "KILLED"
         if existing is None and status == "KILLED" and not trial.rows:
+            recorded.append(trial)
             continue  # never started
         if existing is not None and existing.info.status == status and status != "KILLED":
             recorder.log_epochs(existing.info.run_id, trial.rows)
-            continue
-        if status == "KILLED":
+        elif status == "KILLED":
             run_id = recorder.run_id(trial.trial_id, trial.config)
             recorder.log_epochs(run_id, trial.rows)
             recorder.client.set_terminated(run_id, status="KILLED")
         else:
             recorder.finish(trial.trial_id, trial.config, trial.rows, status, trial.error)
+        # The run is the record: an epoch logged live can postdate Tune's last snapshot (a
+        # hard kill) or ASHA's stop (the epoch in flight completes), and the search's summary
+        # must agree with the child runs.
+        run = recorder.find(trial.trial_id)  # `run_id()` would reopen an ended run
+        rows = logged_epochs(recorder.client, run.info.run_id) if run else trial.rows
+        recorded.append(dataclasses.replace(trial, rows=rows))
+    return recorded
 
 
 def max_concurrent_trials(params: Params, use_gpu: bool, num_samples: int) -> int:
@@ -892,7 +916,7 @@ def tune_model(
             client.set_terminated(parent_id, status="FAILED")
             raise
     trials = read_trials(path)
-    reconcile(recorder, trials, space.epochs)
+    trials = reconcile(recorder, trials, space.epochs)
     return _conclude(
         client, recorder, params, name, search_name, path, trials, bool(restore_path), started
     )

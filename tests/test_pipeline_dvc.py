@@ -33,7 +33,9 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path: Path, mirror: Path) -
         "MNIST_MIRROR": str(mirror),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    env.pop("RAY_ADDRESS", None)
+    # Tests before this one may have run MLflow in-process, which exports its tracking URI.
+    for inherited in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(inherited, None)
 
     first = _dvc(repo, "repro", env=env)
     stages = ("fetch", "prepare", "train@mlp", "train@cnn", "evaluate@mlp", "evaluate@cnn")
