@@ -222,7 +222,7 @@ class ReferenceLoop:
 
 def project_loaders(params: Any, name: ModelName, train: Split, val: Split) -> tuple[Any, Any]:
     """The loaders the project's workers build, for one process (rank 0 of 1)."""
-    from pipeline import train as project
+    from pipeline import worker as project
     from pipeline.data import SplitArrays
 
     batch = params.train.model(name).batch_size
@@ -243,7 +243,7 @@ def lightning_interleaved(
     from pipeline.data import open_prepared
     from pipeline.models.module import Classifier
     from pipeline.models.networks import build_network
-    from pipeline.train import EpochHistory, RngState
+    from pipeline.worker import EpochHistory, RngState
 
     config = params.train.model(name)
     norm = open_prepared(Path(params.paths.prepared)).normalization

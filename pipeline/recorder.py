@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
-from pipeline.tracking import count_restart, log_new_epochs
+from pipeline.run_log import count_restart, log_new_epochs
 
 log = logging.getLogger(__name__)
 

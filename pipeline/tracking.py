@@ -33,6 +33,7 @@ from pipeline.config import ModelName, Params
 from pipeline.data import SplitArrays
 from pipeline.figures import confusion_figure, curves_figure, misclassified_figure
 from pipeline.models.networks import IMAGE_SIZE, NUM_CLASSES, Probabilities
+from pipeline.run_log import RESTARTS_TAG
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -160,10 +161,8 @@ def ensure_experiment(uri: str, name: str) -> None:
 
 
 RUN_NAME_PARAM = "ray.run_name"
-RESTARTS_TAG = "ray.restarts"
 RESUMES_TAG = "run.resumes"
 FAILURE_TAG = "failure"
-EPOCH_METRICS = ("train/loss", "val/loss", "val/accuracy")
 _UNFINISHED = {"RUNNING", "FAILED", "KILLED", "SCHEDULED"}
 
 
@@ -258,33 +257,6 @@ def training_run(
         )
         mlflow.log_input(dataset, context="training")
         yield OpenRun(run.info.run_id, resumed=False)
-
-
-def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
-    """The epochs the run has metrics for (all of `EPOCH_METRICS` go in one batch)."""
-    return {metric.step for metric in client.get_metric_history(run_id, "val/accuracy")}
-
-
-def log_new_epochs(client: MlflowClient, run_id: str, rows: list[dict[str, float]]) -> None:
-    """Log each row's metrics at step = its epoch, except epochs the run already has: a resumed
-    or backfilled run never gets a second value for a step."""
-    done = logged_epochs(client, run_id)
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(key, float(row[key]), now, int(row["epoch"]))
-        for row in rows
-        if int(row["epoch"]) not in done
-        for key in EPOCH_METRICS
-        if key in row
-    ]
-    if metrics:
-        client.log_batch(run_id, metrics=metrics)
-
-
-def count_restart(client: MlflowClient, run_id: str) -> None:
-    """Add one to the run's restart count (a tag: it survives driver resumes)."""
-    count = int(client.get_run(run_id).data.tags.get(RESTARTS_TAG, "0")) + 1
-    client.set_tag(run_id, RESTARTS_TAG, str(count))
 
 
 def signature() -> ModelSignature:

@@ -1,7 +1,7 @@
 """Hyperparameter search: Ray Tune trials, each a Ray Train run, tracked in MLflow.
 
 `tune_model` is the driver. Each Tune trial runs `run_trial`, a function that builds and fits a
-`TorchTrainer` on `pipeline.train.worker_loop` (the Tune + Train V2 pattern); the Train run
+`TorchTrainer` on `pipeline.worker.worker_loop` (the Tune + Train V2 pattern); the Train run
 reports every epoch to Tune through `EpochReporter`, and ASHA stops weak trials between epochs.
 Optuna samples the space of `params.yaml` (`tune.<model>`).
 
@@ -49,19 +49,19 @@ from pipeline.cluster import check_storage
 from pipeline.config import ModelName, Params, ParamsError, SearchSpace, parse_params
 from pipeline.data import SplitArrays, open_prepared
 from pipeline.io import write_json, write_text
+from pipeline.run_log import EPOCH_METRICS, log_new_epochs
 from pipeline.settings import Settings
 from pipeline.tracking import (
-    EPOCH_METRICS,
     FAILURE_TAG,
     ensure_experiment,
     ensure_reachable,
     flatten,
     git_commit,
-    log_new_epochs,
     stage_params,
     tracking_uri,
 )
-from pipeline.train import MONITOR, RUN_NAME, WorkerData, ray_session, resolve_scaling, worker_loop
+from pipeline.train import RUN_NAME, ray_session, resolve_scaling
+from pipeline.worker import MONITOR, WorkerData, worker_loop
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class TrialSetup:
     params: dict[str, Any]
     model: ModelName
     use_gpu: bool
-    data: WorkerData
+    data: ray.ObjectRef[WorkerData]
     train_storage: str
 
 
@@ -855,7 +855,7 @@ def tune_model(
             params=params.model_dump(mode="json"),
             model=name,
             use_gpu=use_gpu,
-            data=WorkerData(ray.put(train), ray.put(data.load("val")), data.normalization),
+            data=WorkerData.of(data, train).share(),
             train_storage=f"{path}/train",
         )
         # The trial function only drives its Train run (the workers have their own CPUs): no

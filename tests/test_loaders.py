@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from pipeline.data import SplitArrays
-from pipeline.train import ShardBatches, make_loaders
+from pipeline.worker import ShardBatches, make_loaders
 
 
 def _split(size: int) -> SplitArrays:
