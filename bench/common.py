@@ -98,6 +98,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "versions": versions,
         "git_commit": git_commit(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],

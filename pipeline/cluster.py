@@ -1,4 +1,5 @@
-"""What a run needs from the Ray cluster it joins: storage every node can reach."""
+"""What a run needs from the Ray cluster it joins: storage every node can reach, and the
+environment its training processes start with."""
 
 from __future__ import annotations
 
@@ -8,6 +9,13 @@ from urllib.parse import urlparse
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+# glibc malloc settings for the processes that train, set where Ray starts them (local Ray,
+# submitted jobs, the image): freed memory stays in the heap instead of going back to the
+# kernel. By default each CNN batch's activations (~13 MB each) were mapped and unmapped
+# anew, and the page faults took 10-17% of a CNN epoch on 2 CPUs (bench/README.md).
+# glibc reads them at process start; 32 MiB is the largest mmap threshold it accepts.
+TRAINING_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
 class StorageError(ValueError):

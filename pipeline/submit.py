@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from ray.exceptions import RayError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from pipeline.cluster import TRAINING_ENV
 from pipeline.config import ModelName
 from pipeline.tracking import git_commit
 
@@ -86,10 +87,10 @@ def runtime_env(project: Path, env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def forwarded_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    """What the job gets: FORWARDED_ENV where set here, the commit (Ray leaves .git out of
-    the upload), then `extra`."""
+    """What the job gets: the training processes' malloc settings, FORWARDED_ENV where set
+    here, the commit (Ray leaves .git out of the upload), then `extra`."""
     forwarded = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
-    return forwarded | {"PIPELINE_GIT_COMMIT": git_commit()} | dict(extra)
+    return TRAINING_ENV | forwarded | {"PIPELINE_GIT_COMMIT": git_commit()} | dict(extra)
 
 
 def job_id(kind: str) -> str:

@@ -38,7 +38,7 @@ from ray.train.lightning import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.artifact import ModelSpec, save_model, state_dict_from_lightning
-from pipeline.cluster import check_storage
+from pipeline.cluster import TRAINING_ENV, check_storage
 from pipeline.config import ModelName, Params, ParamsError
 from pipeline.data import open_prepared
 from pipeline.io import write_text
@@ -83,7 +83,7 @@ def ray_session(address: str | None) -> Iterator[None]:
             address=address,
             logging_level=logging.WARNING,
             configure_logging=False,
-            runtime_env=None if address else {"env_vars": LOCAL_RAY_TRAIN_ENV},
+            runtime_env=None if address else {"env_vars": LOCAL_RAY_TRAIN_ENV | TRAINING_ENV},
         )
     try:
         yield
