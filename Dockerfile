@@ -46,7 +46,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     SERVING_CACHE_DIR=/tmp/serving-cache
 # pipeline/cluster.py TRAINING_ENV: training processes keep freed memory (no page-fault storm)
 ENV MALLOC_MMAP_THRESHOLD_=33554432 \
-    MALLOC_TRIM_THRESHOLD_=4294967296
+    MALLOC_TRIM_THRESHOLD_=4294967296 \
+    MALLOC_ARENA_MAX=1
 RUN groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/app --create-home \
       --shell /usr/sbin/nologin app \

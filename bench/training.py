@@ -105,6 +105,47 @@ def flops_per_image(net: torch.nn.Module, batch: int, augment: bool) -> tuple[fl
     return train, counter.get_total_flops() / batch
 
 
+def _allreduce_rank(rank: int, port: int, numel: int, steps: int, out: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    gradients = torch.ones(numel)
+    for _ in range(5):
+        dist.all_reduce(gradients)
+    dist.barrier()
+    started = time.perf_counter()
+    for _ in range(steps):
+        dist.all_reduce(gradients)
+    if rank == 0:
+        out.put((time.perf_counter() - started) / steps)
+    dist.destroy_process_group()
+
+
+def allreduce_s(numel: int, steps: int = 100) -> float:
+    """Seconds per all-reduce of `numel` float32 (one step's gradients) between two gloo
+    processes of one thread on this machine, with nothing else to do: what each DDP step
+    of two workers pays at least, beside its computation."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    ranks = [
+        context.Process(target=_allreduce_rank, args=(rank, port, numel, steps, out))
+        for rank in range(2)
+    ]
+    for process in ranks:
+        process.start()
+    seconds = float(out.get(timeout=300))
+    for process in ranks:
+        process.join(timeout=60)
+    return seconds
+
+
 # --------------------------------------------------------------------------- the reference
 
 
@@ -458,7 +499,16 @@ def bench_model(
         "train_flops": train_flops,
         "val_flops": val_flops,
     }
+    parameters = sum(p.numel() for p in build_network(name, config.net, 0.0, 1.0).parameters())
+    steps = math.ceil(len(train) / 2 / (config.batch_size // 2))
+    per_step = allreduce_s(parameters)
     info = {
+        "parameters": parameters,
+        "allreduce_2_workers": {
+            "ms_per_step": per_step * 1e3,
+            "steps_per_epoch": steps,
+            "s_per_epoch": per_step * steps,
+        },
         "epochs": args.epochs,
         "batch_size": config.batch_size,
         "augment": config.augment,
@@ -701,7 +751,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"{info['train_images']:,} training and {info['val_images']:,} validation images, "
             f"batch {info['batch_size']}, augmentation {'on' if info['augment'] else 'off'} "
             f"in every path, {info['epochs']} epochs; {info['train_mflop_per_image']:.1f} "
-            f"MFLOP per training image, {info['val_mflop_per_image']:.1f} per validation image.",
+            f"MFLOP per training image, {info['val_mflop_per_image']:.1f} per validation image. "
+            f"Two workers all-reduce {info['parameters']:,} gradients "
+            f"({info['parameters'] * 4 / 2**20:.1f} MiB) at each of their "
+            f"{info['allreduce_2_workers']['steps_per_epoch']} steps per epoch: "
+            f"{info['allreduce_2_workers']['ms_per_step']:.2f} ms per all-reduce between two "
+            f"idle gloo processes on this machine, "
+            f"{info['allreduce_2_workers']['s_per_epoch']:.2f} s per epoch at the least.",
             "",
             "| path | workers x threads | s/epoch | x ref | first epoch s | images/s "
             "| GFLOP/s | % GEMM | fixed s | val acc | other CPU |",

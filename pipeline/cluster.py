@@ -13,9 +13,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 # glibc malloc settings for the processes that train, set where Ray starts them (local Ray,
 # submitted jobs, the image): freed memory stays in the heap instead of going back to the
 # kernel. By default each CNN batch's activations (~13 MB each) were mapped and unmapped
-# anew, and the page faults took 10-17% of a CNN epoch on 2 CPUs (bench/README.md).
+# anew, and the page faults took 10-17% of a CNN epoch on 2 CPUs (bench/README.md). One
+# arena: Ray Train runs the training loop in a thread, and a thread's own arena (64 MB heaps)
+# kept trimming and faulting where the main one does not: 5-10% of a CNN epoch.
 # glibc reads them at process start; 32 MiB is the largest mmap threshold it accepts.
-TRAINING_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+TRAINING_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    "MALLOC_ARENA_MAX": "1",
+}
 
 
 class StorageError(ValueError):

@@ -99,8 +99,8 @@ class CNNTrainConfig(OptimConfig):
 
 
 class ScalingConfig(StrictModel):
-    num_workers: PositiveInt = 2
-    cpus_per_worker: PositiveInt = 1
+    num_workers: PositiveInt = 1
+    cpus_per_worker: PositiveInt = 2
     use_gpu: Literal["auto"] | bool = "auto"
 
 

@@ -27,6 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A profile small enough for seconds-long fits on 2 cores, still real MNIST.
 SMALL = {
+    # Two workers (DDP), although the repo's default on 2 CPUs is one: the tests are about
+    # distributed training, restarts and sharding.
+    "train.scaling.num_workers": 2,
+    "train.scaling.cpus_per_worker": 1,
     "prepare.train_limit": 2500,
     "prepare.val_size": 500,
     "prepare.test_limit": 1000,
