@@ -10,7 +10,8 @@ a training run.
    folder (a fresh clone's view, with a new git repo), sets a small profile in its params.yaml
    (2,500 training images, 2 epochs per model: the stages run for real, quickly), runs
    `dvc repro` once to fill it (timed too), then times `dvc repro` with nothing changed and
-   `dvc status`, several times each. A no-op repro that runs any stage is an error.
+   `dvc status dvc.yaml` (the stages `dvc repro` runs), several times each. A no-op repro
+   that runs any stage is an error.
    `--in-repo` times them in this checkout instead, and only when `dvc status` finds it up to
    date (a repro there would otherwise train for minutes and rewrite models/ and mlflow.db).
 2. **MLflow**: `train_model` on the default params (full data, default epochs and scaling),
@@ -107,7 +108,9 @@ def measure_dvc(repo: Path, env: dict[str, str], repeats: int) -> dict[str, Any]
             if "Running stage" in out:
                 raise RuntimeError(f"a no-op `dvc repro` ran stages:\n{out}")
             repro.append(seconds)
-            seconds, out = timed_dvc(repo, ["status"], env)
+            # The pipeline's stages, those `dvc repro` runs: a bare `dvc status` also lists
+            # the optional tune stages (tune/dvc.yaml) as changed until a search has run.
+            seconds, out = timed_dvc(repo, ["status", "dvc.yaml"], env)
             if "up to date" not in out:
                 raise RuntimeError(f"`dvc status` after a repro is not clean:\n{out}")
             status.append(seconds)
@@ -144,7 +147,7 @@ def dvc_in_copy(workdir: Path, repeats: int) -> dict[str, Any]:
 
 def dvc_in_repo(repeats: int) -> dict[str, Any]:
     env = dvc_env(None)
-    _, out = timed_dvc(REPO, ["status"], env)
+    _, out = timed_dvc(REPO, ["status", "dvc.yaml"], env)
     if "up to date" not in out:
         raise SystemExit(
             "--in-repo: `dvc status` finds changes in this checkout, so `dvc repro` would run "
@@ -211,13 +214,16 @@ def evaluate_targets(dvc: dict[str, Any], mlflow: list[dict[str, Any]]) -> list[
         }
     ]
     for row in mlflow:
+        logged_model = row["driver_calls"].get("log_model", 0.0)
+        rest = (row["total_s"] - logged_model) / row["train_model_s"]
         targets.append(
             {
                 "target": f"{row['model']}: MLflow logging <= {TARGET_MLFLOW_SHARE:.0%} of "
                 "training time",
                 "measured": f"{row['total_s']:.2f} s of {row['train_model_s']:.1f} s = "
                 f"{row['share_of_train_model']:.2%} ({row['epochs']} epochs, "
-                f"{row['scaling']})",
+                f"{row['scaling']}); of it the logged model (`log_model`: export, MLflow's "
+                f"requirements check, upload) {logged_model:.2f} s, the rest {rest:.2%}",
                 "value": row["share_of_train_model"],
                 "holds": row["share_of_train_model"] <= TARGET_MLFLOW_SHARE,
             }
@@ -246,7 +252,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| `dvc repro`, nothing changed | {dvc['repro_noop_median_s']:.2f} | "
         + ", ".join(f"{s:.2f}" for s in dvc["repro_noop_s"])
         + " |",
-        f"| `dvc status` | {dvc['status_median_s']:.2f} | "
+        f"| `dvc status dvc.yaml` | {dvc['status_median_s']:.2f} | "
         + ", ".join(f"{s:.2f}" for s in dvc["status_s"])
         + " |",
     ]

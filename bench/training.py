@@ -1,7 +1,7 @@
 """Training benchmark: the project's training paths against a plain PyTorch loop, and against
 the machine's matrix-multiply ceiling, in one run.
 
-    .venv/bin/python bench/training.py            # MLP and CNN, 3 epochs each, full data
+    .venv/bin/python bench/training.py            # MLP and CNN, 4 epochs each, full data
     .venv/bin/python bench/training.py --quick    # 2 epochs on 5,000 images: checks the script
     .venv/bin/python bench/training.py --help
 
@@ -838,7 +838,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of every path (3)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of every path (4)")
     parser.add_argument("--limit", type=int, help="train on this many images (default: all)")
     parser.add_argument(
         "--augment",
