@@ -83,10 +83,6 @@ def ray_session(address: str | None) -> Iterator[None]:
             address=address,
             logging_level=logging.WARNING,
             configure_logging=False,
-            # A Ray of its own for one training: no dashboard (its ten processes took CPU
-            # from the workers on a small machine). For one, start `ray start --head` and
-            # set RAY_ADDRESS.
-            include_dashboard=None if address else False,
             runtime_env=None if address else {"env_vars": LOCAL_RAY_TRAIN_ENV | TRAINING_ENV},
         )
     try:
