@@ -22,13 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -155,20 +151,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
     from pipeline.data import open_prepared
 
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    started, workdir = common.begin("accuracy", args.workdir)
     env = common.environment()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     common.log(f"workdir {workdir}; load average {env['load_average_at_start']}")
     prepared = common.prepared_data(workdir, args.limit)
     experiment = common.scratch_params(workdir, {}).mlflow.experiment
@@ -206,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.limit or 'all'} images)."
                 )
             common.write_results(args.name, report, markdown(report), args.out_dir)
-    print(markdown(report))
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
+    common.finish(workdir, bool(args.workdir), markdown(report))
     return 0
 
 

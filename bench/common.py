@@ -13,8 +13,11 @@ import copy
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -315,6 +318,27 @@ def fmt(value: float | None, digits: int = 1) -> str:
     if value is None or value != value:
         return "-"
     return f"{value:,.{digits}f}"
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `finally`: what the run started stops
+
+
+def begin(kind: str, workdir: Path | None) -> tuple[str, Path]:
+    """A benchmark's start: SIGTERM and SIGHUP end it through its `finally` blocks; returns
+    the start time and its work folder (`workdir`, else a new temporary one)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
+    folder = workdir or Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z"), folder
+
+
+def finish(workdir: Path, keep: bool, markdown: str) -> None:
+    """Print the report; remove the work folder unless the user named it (`keep`)."""
+    print(markdown)
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def write_results(name: str, report: dict[str, Any], markdown: str, out_dir: Path) -> None:

@@ -29,11 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, bf16 = ("cpu", False) if args.cpu_dry_run else ("cuda", True)
     name = args.name or ("gpu-dry-run" if args.cpu_dry_run else "gpu")
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    started, workdir = common.begin("gpu", args.workdir)
     common.log(f"workdir {workdir}; {device_info(device)['device']}")
     prepared = common.prepared_data(workdir, args.limit)
     overrides = {f"train.{NAME}.epochs": args.epochs} if args.epochs else {}
@@ -219,10 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         "reference": reference,
         "ray": ray_result,
     }
-    common.write_results(name, report, markdown(report), args.out_dir)
-    print(markdown(report))
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
+    text = markdown(report)
+    common.write_results(name, report, text, args.out_dir)
+    common.finish(workdir, bool(args.workdir), text)
     return 0
 
 

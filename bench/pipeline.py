@@ -29,11 +29,9 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -327,18 +325,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    started, workdir = common.begin("pipeline", args.workdir)
     env = common.environment()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     common.log(f"workdir {workdir}; load average {env['load_average_at_start']}")
     dvc = dvc_in_repo(args.repeats) if args.in_repo else dvc_in_copy(workdir, args.repeats)
     common.log(
@@ -375,10 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets": evaluate_targets(dvc, mlflow),
         "notes": notes,
     }
-    common.write_results(args.name, report, markdown(report), args.out_dir)
-    print(markdown(report))
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
+    text = markdown(report)
+    common.write_results(args.name, report, text, args.out_dir)
+    common.finish(workdir, bool(args.workdir), text)
     return 0
 
 

@@ -20,12 +20,10 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -43,6 +41,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/serving.py` from anywhere: the project imports
+sys.path.append(str(Path(__file__).resolve().parent))  # `common`; the repo goes first
+
+import common  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -55,7 +56,6 @@ WAITS_MS = (0.5, 2.0)
 OPEN_LOOP_CONNECTIONS = 64
 DISTURBED_PCT = 15.0  # other processes' CPU use (% of one CPU) that makes a row suspect
 JSON = {"content-type": "application/json"}
-
 
 # --------------------------------------------------------------------------- model and data
 
@@ -821,20 +821,12 @@ def _cpu_plan(no_pin: bool) -> tuple[set[int] | None, set[int] | None, str]:
     )
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through `finally`: the servers are stopped
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
+    started, workdir = common.begin("serving", args.workdir)
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     batch_concurrencies = [int(c) for c in args.batch_concurrency.split(",") if c]
     variant = _variant(args.variant)
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     client_cpus, server_cpus, pinning = _cpu_plan(args.no_pin)
     print(f"[bench] workdir {workdir}", flush=True)
 
@@ -974,13 +966,9 @@ def main(argv: list[str] | None = None) -> int:
         "profile": prof,
         "notes": auto_notes(results),
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (args.out_dir / "serving.md").write_text(text)
-    print(text)
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
+    common.write_results("serving", report, text, args.out_dir)
+    common.finish(workdir, bool(args.workdir), text)
     return 0
 
 

@@ -26,11 +26,9 @@ import json
 import logging
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -874,10 +872,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wanted = TRAINING_ENV if args.allocator == "project" else dict.fromkeys(TRAINING_ENV, "")
@@ -888,15 +882,11 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in (os.environ | wanted).items() if v}
         arguments = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, __file__, *arguments], env)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
     # Lightning's banners (accelerators, tips) say nothing about the measurement.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    started, workdir = common.begin("training", args.workdir)
     env = common.environment()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-training-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     common.log(f"workdir {workdir}; load average {env['load_average_at_start']}")
     prepared = common.prepared_data(workdir, args.limit)
     threads = torch.get_num_threads()
@@ -934,12 +924,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets": evaluate_targets(rows, default_path),
         "notes": auto_notes(rows, env),
     }
-    common.write_results(args.name, report, markdown(report), args.out_dir)
-    print(markdown(report))
-    if not args.workdir:
-        import shutil
-
-        shutil.rmtree(workdir, ignore_errors=True)
+    text = markdown(report)
+    common.write_results(args.name, report, text, args.out_dir)
+    common.finish(workdir, bool(args.workdir), text)
     return 0
 
 
