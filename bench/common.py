@@ -9,7 +9,6 @@ import it (they put `bench/` and the repo on `sys.path`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import platform
@@ -250,22 +249,10 @@ def repo_params_raw() -> dict[str, Any]:
     return raw
 
 
-def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `raw` with dotted keys (`train.cnn.lr`) set."""
-    result = copy.deepcopy(raw)
-    for dotted, value in overrides.items():
-        node = result
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return result
-
-
 def scratch_params(root: Path, overrides: dict[str, Any], prepared: Path | None = None) -> Any:
     """The repo's params with every output path under `root` (and the prepared data at
     `prepared` when given), then `overrides`; validated like every command does."""
-    from pipeline.config import parse_params
+    from pipeline.config import parse_params, with_overrides
 
     paths: dict[str, Any] = {
         f"paths.{k}": str(root / k)

@@ -41,6 +41,8 @@ sys.path.append(str(Path(__file__).resolve().parent))  # `common`; the repo goes
 import common  # noqa: E402
 import yaml  # noqa: E402
 
+from pipeline.config import with_overrides  # noqa: E402
+
 REPO = common.REPO
 BIN = Path(sys.executable).parent
 TARGET_NOOP_S = 3.0
@@ -125,7 +127,7 @@ def dvc_in_copy(workdir: Path, repeats: int) -> dict[str, Any]:
     repo = workdir / "repo"
     repo.mkdir(parents=True)
     copy_repo(repo)
-    raw = common.with_overrides(common.repo_params_raw(), SMALL_PROFILE)
+    raw = with_overrides(common.repo_params_raw(), SMALL_PROFILE)
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = dvc_env(f"sqlite:///{repo / 'mlflow.db'}")
     common.log(f"dvc repro (small profile) in {repo} ...")

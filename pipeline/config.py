@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -378,6 +379,18 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         else:
             lines.append(f"  {path}: {message}{got}")
     return "\n".join(lines)
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `raw` with dotted keys (`train.cnn.lr`) set."""
+    result = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = result
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return result
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import socket
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from pipeline import fetch, prepare
-from pipeline.config import Params, parse_params
+from pipeline.config import Params, parse_params, with_overrides
 from pipeline.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,18 +111,6 @@ def mirror_folder() -> Path:
 
 def raw_params() -> dict[str, Any]:
     return yaml.safe_load((REPO / "params.yaml").read_text())
-
-
-def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `raw` with dotted keys (`train.cnn.lr`) set."""
-    result = copy.deepcopy(raw)
-    for dotted, value in overrides.items():
-        node = result
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return result
 
 
 def small_params(root: Path, **overrides: Any) -> Params:
