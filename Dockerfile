@@ -44,7 +44,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/app \
     MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false \
     SERVING_CACHE_DIR=/tmp/serving-cache
-# pipeline/cluster.py TRAINING_ENV: training processes keep freed memory (no page-fault storm)
+# pipeline/training/ray_env.py TRAINING_ENV: training processes keep freed memory (no page-fault storm)
 ENV MALLOC_MMAP_THRESHOLD_=33554432 \
     MALLOC_TRIM_THRESHOLD_=4294967296 \
     MALLOC_ARENA_MAX=1

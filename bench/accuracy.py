@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline.data import open_prepared
+    from pipeline.data.prepared import open_prepared
 
     started, workdir = common.begin("accuracy", args.workdir)
     env = common.environment()

@@ -252,7 +252,7 @@ def repo_params_raw() -> dict[str, Any]:
 def scratch_params(root: Path, overrides: dict[str, Any], prepared: Path | None = None) -> Any:
     """The repo's params with every output path under `root` (and the prepared data at
     `prepared` when given), then `overrides`; validated like every command does."""
-    from pipeline.config import parse_params, with_overrides
+    from pipeline.config.params import parse_params, with_overrides
 
     paths: dict[str, Any] = {
         f"paths.{k}": str(root / k)
@@ -267,9 +267,9 @@ def scratch_params(root: Path, overrides: dict[str, Any], prepared: Path | None 
 def prepared_data(root: Path, train_limit: int | None, test_limit: int | None = None) -> Path:
     """A prepared data folder: the repo's `data/prepared` when it is there and the full data
     is asked for (read only), else the pipeline's own fetch and prepare stages into `root`."""
-    from pipeline import fetch, prepare
-    from pipeline.data import open_prepared
-    from pipeline.settings import Settings
+    from pipeline.config.env import Settings
+    from pipeline.data import fetch, prepare
+    from pipeline.data.prepared import open_prepared
 
     repo_prepared = REPO / "data" / "prepared"
     if train_limit is None and test_limit is None and (repo_prepared / "manifest.json").is_file():
@@ -293,7 +293,7 @@ def prepared_data(root: Path, train_limit: int | None, test_limit: int | None = 
 def init_store(uri: str, experiment: str) -> None:
     """Create the MLflow store and experiment before a measured run: a new SQLite store's
     schema migrations take seconds once, which a user's existing store does not pay."""
-    from pipeline.tracking import ensure_experiment
+    from pipeline.tracking.runs import ensure_experiment
 
     ensure_experiment(uri, experiment)
 

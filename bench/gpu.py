@@ -14,9 +14,10 @@ venv first); without a CUDA device it stops at once with exit status 2 and says 
    GPU, autocast to bfloat16 around forward and loss (as Lightning's "bf16-mixed"), AdamW and
    one-cycle, the same augmentation as params.yaml says (on for the CNN), the same batch size.
    Test accuracy of its last epoch's network on the test split.
-2. ray: `pipeline.train.train_model` in a fresh process (bench/run_train.py, as `mnist-pipeline
-   train` runs it) with `train.scaling`: 1 worker, `use_gpu: true` (the workers then use NCCL
-   and bf16-mixed), then the evaluate stage: test accuracy of the exported best checkpoint.
+2. ray: `pipeline.training.driver.train_model` in a fresh process (bench/run_train.py, as
+   `mnist-pipeline train` runs it) with `train.scaling`: 1 worker, `use_gpu: true` (the
+   workers then use NCCL and bf16-mixed), then the evaluate stage: test accuracy of the
+   exported best checkpoint.
 
 Reports per-epoch seconds (median after the first epoch), images/s, test accuracy, the Ray
 run's fixed overhead, and the card. About 2 to 4 minutes on an H100 class GPU.
@@ -73,7 +74,7 @@ def reference_run(
             f"reference epoch {epoch + 1}/{epochs}: {results[-1].seconds:.2f} s, "
             f"val accuracy {results[-1].val_accuracy:.4f}"
         )
-    from pipeline.data import open_prepared
+    from pipeline.data.prepared import open_prepared
 
     net = loop.net.to("cpu").float().eval()
     test = evaluate(net, open_prepared(prepared).load("test"))
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {f"train.{NAME}.epochs": args.epochs} if args.epochs else {}
     params = common.scratch_params(workdir / "run", overrides, prepared=prepared)
     config = params.train.model(NAME)
-    from pipeline.data import open_prepared
+    from pipeline.data.prepared import open_prepared
 
     train_images = open_prepared(prepared).sizes["train"]
     reference = reference_run(params, prepared, config.epochs, device, bf16)

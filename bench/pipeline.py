@@ -41,7 +41,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # `common`; the repo goes
 import common  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline.config import with_overrides  # noqa: E402
+from pipeline.config.params import with_overrides  # noqa: E402
 
 REPO = common.REPO
 BIN = Path(sys.executable).parent

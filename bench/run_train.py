@@ -43,9 +43,9 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-import pipeline.train as train  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
+import pipeline.training.driver as train  # noqa: E402
+from pipeline.config.env import Settings  # noqa: E402
+from pipeline.config.params import load_params  # noqa: E402
 
 IMPORTED = time.perf_counter()
 

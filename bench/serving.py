@@ -61,7 +61,7 @@ JSON = {"content-type": "application/json"}
 
 
 def _params(root: Path, train_limit: int, test_limit: int, epochs: int) -> Any:
-    from pipeline.config import parse_params
+    from pipeline.config.params import parse_params
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw = copy.deepcopy(raw)
@@ -81,8 +81,8 @@ def mirror_folder() -> str:
 
 def prepare_data(root: Path, train_limit: int, test_limit: int, epochs: int) -> Any:
     """MNIST through the real fetch and prepare stages, into `root`."""
-    from pipeline import fetch, prepare
-    from pipeline.settings import Settings
+    from pipeline.config.env import Settings
+    from pipeline.data import fetch, prepare
 
     params = _params(root, train_limit, test_limit, epochs)
     fetch.run(params, Settings(mnist_mirror=mirror_folder()))
@@ -99,17 +99,18 @@ def train_and_register(params: Any, root: Path) -> tuple[str, str]:
     from mlflow.tracking import MlflowClient
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.data import open_prepared
+    from pipeline.data.prepared import open_prepared
     from pipeline.evaluate import evaluate
     from pipeline.models.module import Classifier
     from pipeline.models.networks import build_network
-    from pipeline.registry import Candidate, ensure_version, promote
-    from pipeline.tracking import MANIFEST_TAG, log_model
+    from pipeline.registry.versions import Candidate, ensure_version, promote
+    from pipeline.tracking.manifest import MANIFEST_TAG
+    from pipeline.tracking.model_log import log_model
 
     data = open_prepared(Path(params.paths.prepared))
     pl.seed_everything(params.seed, verbose=False)
     net = build_network(
-        "cnn", params.train.cnn.net, data.normalization.mean, data.normalization.std
+        "cnn", params.train.cnn.net.model_dump(), data.normalization.mean, data.normalization.std
     )
     train = data.load("train")
     loader = DataLoader(
@@ -833,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     params = prepare_data(workdir / "data", args.train_limit, args.test_limit, args.epochs)
     from mlflow.tracking import MlflowClient
 
-    from pipeline.data import open_prepared
+    from pipeline.data.prepared import open_prepared
 
     test = open_prepared(Path(params.paths.prepared)).load("test")
     images = test.images.astype(np.float32) / 255.0

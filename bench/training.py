@@ -12,9 +12,9 @@ Per model, on the same prepared data, network, batch size, augmentation and epoc
 - lightning: the project's `Classifier` and callbacks in one process (`pl.Trainer`, no Ray),
   fed by the project's loaders; its epochs alternate with the reference's (one reference
   epoch runs before each Lightning epoch), so bursts of foreign load hit both;
-- ray NxC: `pipeline.train.train_model`, as `mnist-pipeline train` runs it (a fresh process,
-  local Ray, MLflow run, checkpoints, export), with N workers of C CPUs; one reference epoch
-  right before and one right after each such run give its reference.
+- ray NxC: `pipeline.training.driver.train_model`, as `mnist-pipeline train` runs it (a fresh
+  process, local Ray, MLflow run, checkpoints, export), with N workers of C CPUs; one
+  reference epoch right before and one right after each such run give its reference.
 
 Writes bench/results/training.json and .md (see bench/README.md).
 """
@@ -42,8 +42,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
 import yaml  # noqa: E402
 
-from pipeline.cluster import TRAINING_ENV  # noqa: E402
-from pipeline.config import ModelName  # noqa: E402
+from pipeline.config.params import ModelName  # noqa: E402
+from pipeline.training.ray_env import TRAINING_ENV  # noqa: E402
 
 REPO = common.REPO
 TARGET_LIGHTNING = 1.05  # Lightning per-epoch / reference per-epoch
@@ -69,7 +69,7 @@ class Split:
 
 
 def load_split(prepared: Path, split: str) -> Split:
-    from pipeline.data import open_prepared
+    from pipeline.data.prepared import open_prepared
 
     arrays = open_prepared(prepared).load(split)  # type: ignore[arg-type]
     return Split(torch.from_numpy(arrays.images), torch.from_numpy(arrays.labels).long())
@@ -173,14 +173,14 @@ class ReferenceLoop:
         device: str = "cpu",
         bf16: bool = False,
     ) -> None:
-        from pipeline.data import open_prepared
+        from pipeline.data.prepared import open_prepared
         from pipeline.models.networks import build_network
 
         config = params.train.model(name)
         norm = open_prepared(Path(params.paths.prepared)).normalization
         outer = torch.get_rng_state()
         torch.manual_seed(seed)
-        net = build_network(name, config.net, norm.mean, norm.std)
+        net = build_network(name, config.net.model_dump(), norm.mean, norm.std)
         # The network as the project trains it: Classifier makes conv weights channels-last.
         self.net = net.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.rng = torch.get_rng_state()  # its own stream: interleaving changes no one's draws
@@ -265,8 +265,8 @@ class ReferenceLoop:
 
 def project_loaders(params: Any, name: ModelName, train: Split, val: Split) -> tuple[Any, Any]:
     """The loaders the project's workers build, for one process (rank 0 of 1)."""
-    from pipeline import worker as project
-    from pipeline.data import SplitArrays
+    from pipeline.data.prepared import SplitArrays
+    from pipeline.training import worker as project
 
     batch = params.train.model(name).batch_size
     arrays = (
@@ -283,10 +283,10 @@ def lightning_interleaved(
     epoch. Returns both series and the Lightning run's setup/teardown seconds."""
     import lightning.pytorch as pl
 
-    from pipeline.data import open_prepared
+    from pipeline.data.prepared import open_prepared
     from pipeline.models.module import Classifier
     from pipeline.models.networks import build_network
-    from pipeline.worker import EpochHistory, RngState
+    from pipeline.training.worker import EpochHistory, RngState
 
     config = params.train.model(name)
     norm = open_prepared(Path(params.paths.prepared)).normalization
@@ -334,7 +334,7 @@ def lightning_interleaved(
             self._meter = None
 
     pl.seed_everything(params.seed, verbose=False)
-    net = build_network(name, config.net, norm.mean, norm.std)
+    net = build_network(name, config.net.model_dump(), norm.mean, norm.std)
     module = Classifier(net, config)
     train_loader, val_loader = project_loaders(params, name, train, val)
     history = EpochHistory(config.epochs)
@@ -482,12 +482,12 @@ def bench_model(
     params = common.scratch_params(workdir / name, overrides, prepared=prepared)
     config = params.train.model(name)
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
-    from pipeline.data import open_prepared
+    from pipeline.data.prepared import open_prepared
     from pipeline.models.networks import build_network
 
     norm = open_prepared(prepared).normalization
     train_flops, val_flops = flops_per_image(
-        build_network(name, config.net, norm.mean, norm.std),
+        build_network(name, config.net.model_dump(), norm.mean, norm.std),
         config.batch_size,
         config.augment,
     )
@@ -497,7 +497,9 @@ def bench_model(
         "train_flops": train_flops,
         "val_flops": val_flops,
     }
-    parameters = sum(p.numel() for p in build_network(name, config.net, 0.0, 1.0).parameters())
+    parameters = sum(
+        p.numel() for p in build_network(name, config.net.model_dump(), 0.0, 1.0).parameters()
+    )
     steps = math.ceil(len(train) / 2 / (config.batch_size // 2))
     per_step = allreduce_s(parameters)
     info = {
@@ -855,7 +857,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("project", "default"),
         default="project",
         help="glibc malloc settings of every path: the project's training processes' "
-        "(pipeline/cluster.py TRAINING_ENV, the default) or glibc's defaults",
+        "(pipeline/training/ray_env.py TRAINING_ENV, the default) or glibc's defaults",
     )
     parser.add_argument("--no-bracket", dest="bracket", action="store_false",
                         help="no reference epochs around the Ray runs")  # fmt: skip

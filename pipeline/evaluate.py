@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from torch import nn
 
-from pipeline import tracking
-from pipeline.artifact import load_model
-from pipeline.config import ModelName, Params
-from pipeline.data import CLASSES, SplitArrays, open_prepared
-from pipeline.io import write_json, write_text
+from pipeline.config.env import Settings
+from pipeline.config.params import ModelName, Params
+from pipeline.data.atomic import write_json, write_text
+from pipeline.data.prepared import CLASSES, SplitArrays, open_prepared
+from pipeline.models.artifact import load_model
 from pipeline.models.module import to_unit_float
-from pipeline.settings import Settings
+from pipeline.tracking.figures import confusion_figure, misclassified_figure
+from pipeline.tracking.runs import TrackingError, ensure_reachable, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -85,17 +91,58 @@ def confusion_csv(labels: np.ndarray, predictions: np.ndarray) -> str:
     return buffer.getvalue()
 
 
+def log_evaluation(
+    uri: str,
+    run_id: str,
+    evaluation: Evaluation,
+    test: SplitArrays,
+    grid_size: int,
+) -> None:
+    """Test metrics and evaluation figures into the run that trained the model."""
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as error:
+        raise TrackingError(f"MLflow run {run_id} not found at {uri}: {error.message}") from None
+    now = int(time.time() * 1000)
+    metrics = [Metric("test/accuracy", evaluation.accuracy, now, 0)]
+    metrics.append(Metric("test/loss", evaluation.loss, now, 0))
+    metrics += [
+        Metric(f"test/accuracy_{digit}", value, now, 0)
+        for digit, value in evaluation.per_class_accuracy.items()
+    ]
+    client.log_batch(run_id, metrics=metrics)
+    client.log_table(
+        run_id,
+        data={
+            "digit": list(evaluation.per_class_accuracy),
+            "accuracy": list(evaluation.per_class_accuracy.values()),
+            "support": evaluation.confusion.sum(axis=1).tolist(),
+        },
+        artifact_file="evaluation/per_class_accuracy.json",
+    )
+    for figure, path in (
+        (confusion_figure(evaluation.confusion, "test confusion matrix"), "confusion_matrix.png"),
+        (
+            misclassified_figure(test.images, test.labels, evaluation.predictions, grid_size),
+            "misclassified.png",
+        ),
+    ):
+        client.log_figure(run_id, figure, f"evaluation/{path}")
+        plt.close(figure)
+
+
 def run(params: Params, name: ModelName, settings: Settings) -> Evaluation:
     """The stage: score `models/<name>` on the test split; write metrics and the confusion plot,
     and log both into the MLflow run that trained the model."""
     net, spec = load_model(Path(params.paths.models) / name)
-    uri = tracking.tracking_uri(settings)
+    uri = tracking_uri(settings)
     if spec.run_id:
-        tracking.ensure_reachable(uri)
+        ensure_reachable(uri)
     test = open_prepared(Path(params.paths.prepared)).load("test")
     result = evaluate(net, test, params.evaluate.batch_size)
     if spec.run_id:
-        tracking.log_evaluation(uri, spec.run_id, result, test, params.evaluate.misclassified_grid)
+        log_evaluation(uri, spec.run_id, result, test, params.evaluate.misclassified_grid)
     write_json(Path(params.paths.metrics) / f"{name}.json", result.metrics())
     write_text(
         Path(params.paths.plots) / name / "confusion.csv",

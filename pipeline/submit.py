@@ -18,9 +18,9 @@ from urllib.parse import urlparse
 from ray.exceptions import RayError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipeline.cluster import TRAINING_ENV
-from pipeline.config import ModelName
-from pipeline.tracking import git_commit
+from pipeline.config.params import ModelName
+from pipeline.tracking.lineage import git_commit
+from pipeline.training.ray_env import TRAINING_ENV
 
 # Never uploaded: environments, data, caches, local tracking stores, outputs. The cluster
 # fetches its own data and writes to shared storage and the tracking server.

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline import fetch, prepare
-from pipeline.config import Params, parse_params, with_overrides
-from pipeline.settings import Settings
+from pipeline.config.env import Settings
+from pipeline.config.params import Params, parse_params, with_overrides
+from pipeline.data import fetch, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,8 +196,10 @@ def register_model(uri: str, name: str, net: Any, example: Any, accuracy: float)
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.registry import Candidate, ensure_version
-    from pipeline.tracking import MANIFEST_TAG, ensure_experiment, log_model
+    from pipeline.registry.versions import Candidate, ensure_version
+    from pipeline.tracking.manifest import MANIFEST_TAG
+    from pipeline.tracking.model_log import log_model
+    from pipeline.tracking.runs import ensure_experiment
 
     mlflow.set_tracking_uri(uri)
     ensure_experiment(uri, "test-serving")
@@ -226,11 +228,11 @@ def registry(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Regis
     from mlflow.tracking import MlflowClient
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.data import open_prepared
+    from pipeline.data.prepared import open_prepared
     from pipeline.evaluate import evaluate
     from pipeline.models.module import Classifier
     from pipeline.models.networks import build_network
-    from pipeline.registry import promote
+    from pipeline.registry.versions import promote
 
     root = tmp_path_factory.mktemp("registry")
     overrides = {f"paths.{k}": str(root / k) for k in OUTPUT_PATHS} | {
@@ -245,7 +247,7 @@ def registry(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Regis
     data = open_prepared(Path(params.paths.prepared))
     pl.seed_everything(params.seed, verbose=False)
     net = build_network(
-        "cnn", params.train.cnn.net, data.normalization.mean, data.normalization.std
+        "cnn", params.train.cnn.net.model_dump(), data.normalization.mean, data.normalization.std
     )
     train = data.load("train")
     loader = DataLoader(

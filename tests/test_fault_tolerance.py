@@ -31,14 +31,14 @@ from ray.exceptions import ActorDiedError
 from ray.train import WorkerGroupError
 from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
-from pipeline import prepare
-from pipeline.artifact import load_model
-from pipeline.config import Params, parse_params
-from pipeline.run_log import EPOCH_METRICS, RESTARTS_TAG
-from pipeline.settings import Settings
-from pipeline.tracking import FAILURE_TAG, RESUMES_TAG, RUN_NAME_PARAM, resume_decision
-from pipeline.train import TrainOutcome, describe_failure, train_model
-from pipeline.worker import CheckpointError, verified_checkpoint
+from pipeline.config.env import Settings
+from pipeline.config.params import Params, parse_params
+from pipeline.data import prepare
+from pipeline.models.artifact import load_model
+from pipeline.tracking.epochs import EPOCH_METRICS, RESTARTS_TAG
+from pipeline.tracking.runs import FAILURE_TAG, RESUMES_TAG, RUN_NAME_PARAM, resume_decision
+from pipeline.training.driver import TrainOutcome, describe_failure, train_model
+from pipeline.training.worker import CheckpointError, verified_checkpoint
 from tests.conftest import OUTPUT_PATHS, SMALL, copy_repo, raw_params, with_overrides
 
 EPOCHS = 4

@@ -18,7 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.fetch import MNIST_FILES, FetchError, fetch_all, fetch_file, mirror_list
+from pipeline.data.fetch import MNIST_FILES, FetchError, fetch_all, fetch_file, mirror_list
 from tests.conftest import raw_params, with_overrides
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -204,7 +204,7 @@ def test_falls_back_to_the_next_mirror(
         write_truncated_gzip(mirror, TRAIN_LABELS, first)
     out_dir = tmp_path / "raw"
 
-    with caplog.at_level("INFO", logger="pipeline.fetch"):
+    with caplog.at_level("INFO", logger="pipeline.data.fetch"):
         path = fetch_file(TRAIN_LABELS, [str(first), str(mirror)], out_dir, timeout_s=5)
 
     assert path == out_dir / TRAIN_LABELS

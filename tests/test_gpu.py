@@ -9,9 +9,9 @@ import pytest
 import ray
 import torch
 
-from pipeline.config import Params
-from pipeline.settings import Settings
-from pipeline.train import train_model
+from pipeline.config.env import Settings
+from pipeline.config.params import Params
+from pipeline.training.driver import train_model
 from tests.conftest import small_params
 
 pytestmark = [

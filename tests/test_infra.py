@@ -528,7 +528,7 @@ def test_rayjob_entrypoint_runs_real_commands(tmp_path: Path) -> None:
     from typer.main import get_command
 
     from pipeline.cli import app
-    from pipeline.config import load_params
+    from pipeline.config.params import load_params
 
     steps = [
         shlex.split(step)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from pipeline.data import SplitArrays
-from pipeline.worker import ShardBatches, make_loaders
+from pipeline.data.prepared import SplitArrays
+from pipeline.training.worker import ShardBatches, make_loaders
 
 
 def _split(size: int) -> SplitArrays:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.artifact import ModelSpec, load_model, save_model
-from pipeline.config import ModelName, Params
-from pipeline.data import open_prepared
+from pipeline.config.params import ModelName, Params
+from pipeline.data.prepared import open_prepared
 from pipeline.evaluate import evaluate
+from pipeline.models.artifact import ModelSpec, load_model, save_model
 from pipeline.models.module import Classifier, random_affine, to_unit_float
 from pipeline.models.networks import build_network
 
@@ -25,7 +25,9 @@ def _fit(params: Params, name: ModelName) -> tuple[Classifier, list[float]]:
     data = open_prepared(Path(params.paths.prepared))
     train = data.load("train")
     config = params.train.model(name)
-    net = build_network(name, config.net, data.normalization.mean, data.normalization.std)
+    net = build_network(
+        name, config.net.model_dump(), data.normalization.mean, data.normalization.std
+    )
     module = Classifier(net, config)
     losses: list[float] = []
 
@@ -74,7 +76,9 @@ def test_exported_model_rebuilds_alone_and_predicts_the_same(
 ) -> None:
     data = open_prepared(Path(params.paths.prepared))
     config = params.train.cnn
-    net = build_network("cnn", config.net, data.normalization.mean, data.normalization.std).eval()
+    net = build_network(
+        "cnn", config.net.model_dump(), data.normalization.mean, data.normalization.std
+    ).eval()
     spec = ModelSpec.describe("cnn", config.net, data.normalization, data.digest, 0, 0.5)
     save_model(tmp_path / "cnn", net, spec)
     rebuilt, loaded_spec = load_model(tmp_path / "cnn")

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import Params, ParamsError, load_params, parse_params
+from pipeline.config.params import Params, ParamsError, load_params, parse_params
 from tests.conftest import REPO, raw_params, with_overrides
 
 SUBCOMMANDS = ("fetch", "prepare", "train", "evaluate", "summary")

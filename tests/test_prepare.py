@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import prepare
-from pipeline.config import PrepareConfig
-from pipeline.data import (
+from pipeline.config.params import PrepareConfig
+from pipeline.data import prepare
+from pipeline.data.atomic import atomic_path
+from pipeline.data.idx import IdxError, parse_idx, read_images, read_labels
+from pipeline.data.prepare import load_raw, normalization_of, split_data
+from pipeline.data.prepared import (
     CLASSES,
     MANIFEST,
     SPLITS,
@@ -22,9 +25,6 @@ from pipeline.data import (
     content_digest,
     open_prepared,
 )
-from pipeline.idx import IdxError, parse_idx, read_images, read_labels
-from pipeline.io import atomic_path
-from pipeline.prepare import load_raw, normalization_of, split_data
 from tests.conftest import SMALL, small_params
 
 RAW_FILES = (

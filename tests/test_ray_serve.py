@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.data import open_prepared
+from pipeline.data.prepared import open_prepared
 from tests.conftest import REPO, Registry, free_port
 
 CONFIG = REPO / "services" / "serving" / "serve_config.yaml"

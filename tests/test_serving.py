@@ -22,9 +22,9 @@ from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.data import open_prepared
-from pipeline.pull import pull
-from pipeline.registry import promote
+from pipeline.data.prepared import open_prepared
+from pipeline.registry.pull import pull
+from pipeline.registry.versions import promote
 from services.serving.app import create_app
 from services.serving.settings import ServingSettings
 from tests.conftest import Registry, free_port, register_model, running

@@ -27,10 +27,11 @@ from mlflow.tracking import MlflowClient
 from playwright.sync_api import Browser, Page, sync_playwright
 from torch import nn
 
-from pipeline.config import CNNNetConfig
-from pipeline.data import open_prepared
+from pipeline.config.params import CNNNetConfig
+from pipeline.data.prepared import open_prepared
 from pipeline.models.networks import build_network
-from pipeline.tracking import MANIFEST_TAG, log_model
+from pipeline.tracking.manifest import MANIFEST_TAG
+from pipeline.tracking.model_log import log_model
 from services.serving.app import create_app
 from services.serving.settings import ServingSettings
 from tests.conftest import free_port
@@ -65,7 +66,10 @@ def fit_small_cnn(prepared: Path, limit: int = 3000, epochs: int = 2) -> nn.Modu
     labels = torch.from_numpy(train.labels[:limit].astype(np.int64))
     torch.manual_seed(0)
     net = build_network(
-        "cnn", CNNNetConfig(channels=[8, 16]), data.normalization.mean, data.normalization.std
+        "cnn",
+        CNNNetConfig(channels=[8, 16]).model_dump(),
+        data.normalization.mean,
+        data.normalization.std,
     )
     optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
     loss_fn = nn.CrossEntropyLoss()

@@ -18,14 +18,16 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline import evaluate, register
-from pipeline.artifact import load_model
-from pipeline.config import MODEL_NAMES, Params
-from pipeline.data import open_prepared
+from pipeline import evaluate
+from pipeline.config.env import Settings
+from pipeline.config.params import MODEL_NAMES, Params
+from pipeline.data.digits import to_mnist
+from pipeline.data.prepared import open_prepared
+from pipeline.models.artifact import load_model
 from pipeline.models.networks import Probabilities
-from pipeline.preprocess import to_mnist
-from pipeline.pull import predict_files, pull
-from pipeline.registry import (
+from pipeline.registry import register
+from pipeline.registry.pull import predict_files, pull
+from pipeline.registry.versions import (
     CHAMPION,
     Candidate,
     RegistryError,
@@ -33,9 +35,10 @@ from pipeline.registry import (
     promote,
     rollback,
 )
-from pipeline.settings import Settings
-from pipeline.tracking import MANIFEST_TAG, TrackingError, dvc_hash
-from pipeline.train import TrainOutcome, train_model
+from pipeline.tracking.lineage import dvc_hash
+from pipeline.tracking.manifest import MANIFEST_TAG
+from pipeline.tracking.runs import TrackingError
+from pipeline.training.driver import TrainOutcome, train_model
 from tests.conftest import free_port, running, small_params
 
 pytestmark = pytest.mark.slow

@@ -10,11 +10,11 @@ import pytest
 from ray.train import Result
 from ray.train.lightning import RayTrainReportCallback
 
-from pipeline.artifact import load_model, state_dict_from_lightning
-from pipeline.config import Params, ParamsError
-from pipeline.data import open_prepared
+from pipeline.config.params import Params, ParamsError
+from pipeline.data.prepared import open_prepared
 from pipeline.evaluate import predict_proba
-from pipeline.train import train_model
+from pipeline.models.artifact import load_model, state_dict_from_lightning
+from pipeline.training.driver import train_model
 from tests.conftest import local_store, small_params
 
 

@@ -26,9 +26,9 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import ParamsError, load_params, parse_params
-from pipeline.tracking import FAILURE_TAG
-from pipeline.tune import (
+from pipeline.config.params import ParamsError, load_params, parse_params
+from pipeline.tracking.runs import FAILURE_TAG
+from pipeline.tune.search import (
     PARENT_TAG,
     ROLE_TAG,
     SEARCH_TAG,

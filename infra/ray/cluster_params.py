@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VAL")
     args = parser.parse_args(argv)
 
-    from pipeline.config import ParamsError, parse_params
+    from pipeline.config.params import ParamsError, parse_params
 
     params = yaml.safe_load(args.params.read_text())
     try:

@@ -10,7 +10,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from pipeline.config import OptimConfig
+from pipeline.config.params import OptimConfig
 from pipeline.models.networks import NUM_CLASSES
 
 Batch = tuple[torch.Tensor, torch.Tensor]

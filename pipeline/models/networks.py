@@ -1,4 +1,4 @@
-"""The MLP and CNN as plain `nn.Module`s, sized by params; each normalises its own input.
+"""The MLP and CNN as plain `nn.Module`s, sized by plain numbers; each normalises its input.
 
 Input contract: float32 images in [0, 1], shape (N, 28, 28) or (N, 1, 28, 28).
 Output: logits (N, 10).
@@ -6,10 +6,11 @@ Output: logits (N, 10).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import nn
-
-from pipeline.config import CNNNetConfig, MLPNetConfig, ModelName
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
@@ -33,16 +34,18 @@ class Normalize(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: MLPNetConfig, mean: float, std: float) -> None:
+    def __init__(
+        self, hidden_sizes: Sequence[int], dropout: float, mean: float, std: float
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [Normalize(mean, std), nn.Flatten()]
         width = IMAGE_SIZE * IMAGE_SIZE
-        for hidden in config.hidden_sizes:
+        for hidden in hidden_sizes:
             layers += [
                 nn.Linear(width, hidden, bias=False),
                 nn.BatchNorm1d(hidden),
                 nn.ReLU(inplace=True),
-                nn.Dropout(config.dropout),
+                nn.Dropout(dropout),
             ]
             width = hidden
         layers.append(nn.Linear(width, NUM_CLASSES))
@@ -55,22 +58,22 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Conv-BN-ReLU-pool blocks: pooling early keeps it cheap on a CPU."""
 
-    def __init__(self, config: CNNNetConfig, mean: float, std: float) -> None:
+    def __init__(self, channels: Sequence[int], dropout: float, mean: float, std: float) -> None:
         super().__init__()
         layers: list[nn.Module] = [Normalize(mean, std)]
-        channels, size = 1, IMAGE_SIZE
-        for width in config.channels:
+        inputs, size = 1, IMAGE_SIZE
+        for width in channels:
             layers += [
-                nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False),
+                nn.Conv2d(inputs, width, kernel_size=3, padding=1, bias=False),
                 nn.BatchNorm2d(width),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(2),
             ]
-            channels, size = width, size // 2
+            inputs, size = width, size // 2
         layers += [
             nn.Flatten(),
-            nn.Dropout(config.dropout),
-            nn.Linear(channels * size * size, NUM_CLASSES),
+            nn.Dropout(dropout),
+            nn.Linear(inputs * size * size, NUM_CLASSES),
         ]
         self.layers = nn.Sequential(*layers)
 
@@ -78,15 +81,14 @@ class CNN(nn.Module):
         return self.layers(x)
 
 
-def build_network(
-    kind: ModelName, net: MLPNetConfig | CNNNetConfig, mean: float, std: float
-) -> nn.Module:
-    """The network of `kind` from its config and normalisation constants."""
-    if kind == "mlp" and isinstance(net, MLPNetConfig):
-        return MLP(net, mean, std)
-    if kind == "cnn" and isinstance(net, CNNNetConfig):
-        return CNN(net, mean, std)
-    raise ValueError(f"network config {type(net).__name__} does not build a {kind!r} model")
+NETWORKS: dict[str, type[MLP] | type[CNN]] = {"mlp": MLP, "cnn": CNN}
+
+
+def build_network(kind: str, net: Mapping[str, Any], mean: float, std: float) -> nn.Module:
+    """The network of `kind` from its size arguments (`train.<kind>.net`) and normalisation."""
+    if kind not in NETWORKS:
+        raise ValueError(f"unknown network kind {kind!r}: expected one of {sorted(NETWORKS)}")
+    return NETWORKS[kind](**net, mean=mean, std=std)
 
 
 class Probabilities(nn.Module):

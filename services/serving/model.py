@@ -20,10 +20,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.io import atomic_path
-from pipeline.pull import METADATA, pull
-from pipeline.settings import Settings
-from pipeline.tracking import tracking_uri
+from pipeline.data.atomic import atomic_path
+from pipeline.registry.pull import METADATA, pull, store_uri
 from services.serving.schemas import ModelInfo
 from services.serving.settings import ServingSettings
 
@@ -74,7 +72,7 @@ class ServedModel:
 
 
 def client_for(settings: ServingSettings) -> MlflowClient:
-    return MlflowClient(tracking_uri(Settings(mlflow_tracking_uri=settings.tracking_uri)))
+    return MlflowClient(store_uri(settings.tracking_uri))
 
 
 def current_version(client: MlflowClient, ref: ModelRef) -> ModelVersion:

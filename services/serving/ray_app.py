@@ -39,8 +39,7 @@ from mlflow.entities.model_registry import ModelVersion
 from ray import serve
 from ray.serve import Application, Deployment
 
-from pipeline.settings import Settings
-from pipeline.tracking import tracking_uri
+from pipeline.registry.pull import store_uri
 from services.serving.app import create_app
 from services.serving.holder import Loader
 from services.serving.model import ServedModel, load
@@ -78,7 +77,7 @@ class ServingReplica:
         # The replica process serves from one store: make it MLflow's process-wide default
         # too, since `models:/` downloads resolve through `mlflow.get_registry_uri()` whatever
         # client or argument names the store (MLflow 3.17's ModelsArtifactRepository).
-        uri = tracking_uri(Settings(mlflow_tracking_uri=self.settings.tracking_uri))
+        uri = store_uri(self.settings.tracking_uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline.preprocess import ImageError, image_bytes_to_mnist
+from pipeline.data.digits import ImageError, image_bytes_to_mnist
 from services.serving.inputs import InputError, v1_images, v2_images
 from services.serving.model import ServedModel
 from services.serving.schemas import (

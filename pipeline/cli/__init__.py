@@ -14,8 +14,8 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import DEFAULT_PARAMS_FILE, MODEL_NAMES, ModelName, Params, load_params
-from pipeline.settings import Settings
+from pipeline.config.env import Settings
+from pipeline.config.params import DEFAULT_PARAMS_FILE, MODEL_NAMES, ModelName, Params, load_params
 
 app = typer.Typer(
     help="MNIST pipeline: fetch, prepare, train on Ray, evaluate.",
@@ -73,7 +73,7 @@ def _configure(
 @_fail_cleanly
 def fetch(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     """Download the four MNIST files (MNIST_MIRROR first), verified by SHA-256."""
-    from pipeline import fetch as stage
+    from pipeline.data import fetch as stage
 
     stage.run(_params(params), Settings())
 
@@ -82,7 +82,7 @@ def fetch(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
 @_fail_cleanly
 def prepare(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     """Parse the IDX files, split train/val (seeded), store uint8 arrays and a data report."""
-    from pipeline import prepare as stage
+    from pipeline.data import prepare as stage
 
     report = stage.run(_params(params))
     log.info("prepared %s", {split: counts["total"] for split, counts in report.items()})
@@ -104,7 +104,7 @@ def train(
     """Train one model on Ray Train workers and export its best checkpoint."""
     name = model
     config = _params(params)
-    from pipeline.train import train_model
+    from pipeline.training.driver import train_model
 
     outcome = train_model(config, name, Settings(), run_name)
     log.info(
@@ -127,7 +127,7 @@ def tune(
     ] = None,
 ) -> None:
     """Search hyperparameters (Ray Tune: Optuna + ASHA); write the best as a params file."""
-    from pipeline.tune import tune_model
+    from pipeline.tune.search import tune_model
 
     outcome = tune_model(_params(params), model, Settings(), name)
     log.info(
@@ -165,7 +165,7 @@ def register(
     ] = None,
 ) -> None:
     """Register every trained model; alias the best `challenger`, gate it to `champion`."""
-    from pipeline import register as stage
+    from pipeline.registry import register as stage
 
     decision = stage.run(_params(params), Settings(), (model,) if model else MODEL_NAMES)
     log.info(
@@ -183,7 +183,7 @@ app.add_typer(registry_app, name="registry")
 def _client_and_name(params: Path) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import ensure_reachable, tracking_uri
+    from pipeline.tracking.runs import ensure_reachable, tracking_uri
 
     uri = tracking_uri(Settings())
     ensure_reachable(uri)
@@ -194,7 +194,7 @@ def _client_and_name(params: Path) -> tuple[Any, str]:
 @_fail_cleanly
 def registry_show(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     """Versions, aliases and test metrics of the registered model."""
-    from pipeline.registry import HISTORY_TAG
+    from pipeline.registry.versions import HISTORY_TAG
 
     client, name = _client_and_name(params)
     model = client.get_registered_model(name)
@@ -219,7 +219,7 @@ def registry_promote(
     params: ParamsOption = DEFAULT_PARAMS_FILE,
 ) -> None:
     """Make a version the champion (no gate: a deliberate, manual decision)."""
-    from pipeline.registry import promote
+    from pipeline.registry.versions import promote
 
     client, name = _client_and_name(params)
     winner = promote(client, name, version)
@@ -232,7 +232,7 @@ def registry_promote(
 @_fail_cleanly
 def registry_rollback(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     """Move the champion back to the previous champion."""
-    from pipeline.registry import rollback
+    from pipeline.registry.versions import rollback
 
     client, name = _client_and_name(params)
     typer.echo(f"{name}@champion -> version {rollback(client, name)}")
@@ -249,7 +249,7 @@ def pull(
     params: ParamsOption = DEFAULT_PARAMS_FILE,
 ) -> None:
     """Download a registered model and its metadata into a folder, verified."""
-    from pipeline.pull import pull as pull_model
+    from pipeline.registry.pull import pull as pull_model
 
     if alias and version:
         raise ValueError("give --alias or --version, not both")
@@ -270,7 +270,7 @@ def predict(
     model: Annotated[Path, typer.Option("--model", help="A folder made by `pull`.")],
 ) -> None:
     """Predict the digit in each image with a pulled model (one JSON line per image)."""
-    from pipeline.pull import predict_files
+    from pipeline.registry.pull import predict_files
 
     for result in predict_files(model, images):
         typer.echo(json.dumps(result))
@@ -283,11 +283,9 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
 ) -> None:
     """Serve the registered model over HTTP (settings: SERVING_* and MLFLOW_TRACKING_URI)."""
-    import uvicorn
-
-    from services.serving.app import create_app
-
-    uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=False)
+    # The service owns its entry point: pipeline never imports services (no package cycle).
+    command = [sys.executable, "-m", "services.serving", "--host", host, "--port", str(port)]
+    os.execv(sys.executable, command)
 
 
 submit_app = typer.Typer(

@@ -17,9 +17,9 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from pipeline.config import Params
-from pipeline.io import atomic_path
-from pipeline.settings import Settings
+from pipeline.config.env import Settings
+from pipeline.config.params import Params
+from pipeline.data.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

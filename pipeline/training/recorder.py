@@ -1,10 +1,8 @@
 """Ray Train's controller-side callback: each committed epoch and each restart into the
 training's MLflow run.
 
-A module of its own, apart from `pipeline.train`: Ray Train's controller process unpickles
-this callback before it starts the workers, and importing `pipeline.train` there (Lightning,
-the worker code) took 3.4 CPU-seconds against 1.1 for this module, on the path of every
-training's start (bench/training.py, fixed overhead).
+Apart from the driver: Ray Train's controller unpickles this callback before it starts the
+workers, and must not import Lightning or the worker code for it (bench/README.md).
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
-from pipeline.run_log import count_restart, log_new_epochs
+from pipeline.tracking.epochs import count_restart, log_new_epochs
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,19 @@
-"""What a run needs from the Ray cluster it joins: storage every node can reach, and the
-environment its training processes start with."""
+"""The Ray session of a run: a local Ray or the cluster it joins, the workers' scaling checked
+against what the cluster has, storage every node can reach, the training processes' env."""
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from pipeline.config.params import Params, ParamsError
 
 # glibc malloc settings for the processes that train, set where Ray starts them (local Ray,
 # submitted jobs, the image): freed memory stays in the heap instead of going back to the
@@ -22,6 +27,54 @@ TRAINING_ENV = {
     "MALLOC_TRIM_THRESHOLD_": "4294967296",
     "MALLOC_ARENA_MAX": "1",
 }
+
+
+# Ray Train's controller settings for a Ray this process starts on its own machine: workers
+# polled more often (the end of a run is noticed sooner) and no preemption watcher (a
+# one-machine Ray has no node drains to watch for); bench/README.md has the measurements.
+LOCAL_RAY_TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Join the cluster at `address`, or start a local Ray sized to this machine for the block."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address=address,
+            logging_level=logging.WARNING,
+            configure_logging=False,
+            runtime_env=None if address else {"env_vars": LOCAL_RAY_TRAIN_ENV | TRAINING_ENV},
+        )
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def resolve_scaling(params: Params) -> bool:
+    """Whether the workers use GPUs (`train.scaling.use_gpu`, "auto": if the cluster has
+    any), once `train.scaling` is checked against what the cluster has."""
+    scaling = params.train.scaling
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    use_gpu = gpus >= 1 if scaling.use_gpu == "auto" else scaling.use_gpu
+    if use_gpu and gpus < scaling.num_workers:
+        raise ParamsError(
+            f"train.scaling.use_gpu: {scaling.num_workers} workers need one GPU each, "
+            f"the Ray cluster has {gpus:g}"
+        )
+    needed = scaling.num_workers * scaling.cpus_per_worker
+    if needed > cpus:
+        raise ParamsError(
+            f"train.scaling: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs "
+            f"= {needed} CPUs, the Ray cluster has {cpus:g}"
+        )
+    return use_gpu
 
 
 class StorageError(ValueError):

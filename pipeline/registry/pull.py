@@ -12,12 +12,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from pipeline.io import atomic_path
-from pipeline.preprocess import image_bytes_to_mnist
-from pipeline.registry import RegistryError
-from pipeline.tracking import INPUT_CONTRACT, MANIFEST_TAG, files_sha256
+from pipeline.config.env import Settings
+from pipeline.data.atomic import atomic_path
+from pipeline.data.digits import image_bytes_to_mnist
+from pipeline.registry.versions import RegistryError
+from pipeline.tracking.manifest import INPUT_CONTRACT, MANIFEST_TAG, files_sha256
+from pipeline.tracking.runs import tracking_uri
 
 METADATA = "metadata.json"
+
+
+def store_uri(explicit: str | None = None) -> str:
+    """The registry to pull from: `explicit`, else MLFLOW_TRACKING_URI, else the project's."""
+    return tracking_uri(Settings(mlflow_tracking_uri=explicit))
 
 
 def pull(

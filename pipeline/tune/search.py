@@ -1,7 +1,8 @@
 """Hyperparameter search: Ray Tune trials, each a Ray Train run, tracked in MLflow.
 
 `tune_model` is the driver. Each Tune trial runs `run_trial`, a function that builds and fits a
-`TorchTrainer` on `pipeline.worker.worker_loop` (the Tune + Train V2 pattern); the Train run
+`TorchTrainer` on `pipeline.training.worker.worker_loop` (the Tune + Train V2 pattern); the
+Train run
 reports every epoch to Tune through `EpochReporter`, and ASHA stops weak trials between epochs.
 Optuna samples the space of `params.yaml` (`tune.<model>`).
 
@@ -45,13 +46,12 @@ from ray.util.placement_group import (
     remove_placement_group,
 )
 
-from pipeline.cluster import check_storage
-from pipeline.config import ModelName, Params, ParamsError, SearchSpace, parse_params
-from pipeline.data import SplitArrays, open_prepared
-from pipeline.io import write_json, write_text
-from pipeline.run_log import EPOCH_METRICS, log_new_epochs
-from pipeline.settings import Settings
-from pipeline.tracking import (
+from pipeline.config.env import Settings
+from pipeline.config.params import ModelName, Params, ParamsError, SearchSpace, parse_params
+from pipeline.data.atomic import write_json, write_text
+from pipeline.data.prepared import SplitArrays, open_prepared
+from pipeline.tracking.epochs import EPOCH_METRICS, log_new_epochs
+from pipeline.tracking.runs import (
     FAILURE_TAG,
     ensure_experiment,
     ensure_reachable,
@@ -60,8 +60,9 @@ from pipeline.tracking import (
     stage_params,
     tracking_uri,
 )
-from pipeline.train import RUN_NAME, ray_session, resolve_scaling
-from pipeline.worker import MONITOR, WorkerData, worker_loop
+from pipeline.training.driver import RUN_NAME
+from pipeline.training.ray_env import check_storage, ray_session, resolve_scaling
+from pipeline.training.worker import MONITOR, WorkerData, worker_loop
 
 log = logging.getLogger(__name__)
 
@@ -799,7 +800,7 @@ def tune_model(
     train = train_subset(data.load("train"), params.tune.train_limit, params.seed)
     with ray_session(settings.ray_address):
         try:
-            _, use_gpu = resolve_scaling(trial_base)
+            use_gpu = resolve_scaling(trial_base)
         except ParamsError as error:
             raise ParamsError(str(error).replace("train.scaling:", "tune.scaling:", 1)) from None
         storage = check_storage(params.train.storage_path)

@@ -1,7 +1,7 @@
 """Train stage: Lightning on Ray Train workers; the best checkpoint becomes `models/<name>/`.
 
 `train_model` is the driver: it sizes and starts the workers, which run
-`pipeline.worker.worker_loop`, inside one MLflow run, then exports the best checkpoint.
+`pipeline.training.worker.worker_loop`, inside one MLflow run, then exports the best checkpoint.
 """
 
 from __future__ import annotations
@@ -10,110 +10,53 @@ import csv
 import io
 import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
-import ray
-import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 from ray.exceptions import RayActorError
 from ray.train import (
     CheckpointConfig,
-    FailureConfig,
     Result,
-    RunConfig,
-    ScalingConfig,
     TrainingFailedError,
     WorkerGroupError,
 )
 from ray.train.lightning import (
     RayTrainReportCallback,
 )
-from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline.artifact import ModelSpec, save_model, state_dict_from_lightning
-from pipeline.cluster import TRAINING_ENV, check_storage
-from pipeline.config import ModelName, Params, ParamsError
-from pipeline.data import open_prepared
-from pipeline.io import write_text
-from pipeline.recorder import RunRecorder
-from pipeline.run_log import log_new_epochs, logged_epochs
-from pipeline.settings import Settings
-from pipeline.tracking import (
-    FAILURE_TAG,
-    ensure_reachable,
-    log_model,
-    log_training_curves,
-    tracking_uri,
-    training_run,
+from pipeline.config.env import Settings
+from pipeline.config.params import ModelName, Params
+from pipeline.data.atomic import write_text
+from pipeline.data.prepared import open_prepared
+from pipeline.models.artifact import ModelSpec, save_model, state_dict_from_lightning
+from pipeline.tracking.epochs import log_new_epochs, logged_epochs
+from pipeline.tracking.figures import log_training_curves
+from pipeline.tracking.model_log import log_model
+from pipeline.tracking.runs import FAILURE_TAG, ensure_reachable, tracking_uri, training_run
+from pipeline.training.ray_env import check_storage, ray_session, resolve_scaling
+from pipeline.training.recorder import RunRecorder
+from pipeline.training.trainer import build_trainer
+from pipeline.training.worker import (
+    MONITOR,
+    CheckpointError,
+    WorkerData,
+    verified_checkpoint,
 )
-from pipeline.worker import MONITOR, CheckpointError, WorkerData, verified_checkpoint, worker_loop
 
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "train/loss", "val/loss", "val/accuracy")
-# Ray Train's controller settings for a Ray this process starts on its own machine: its
-# workers' status polled every 0.5 s instead of 2 (a finished training was noticed 1 s late
-# on average, 2.8 s of the end of a local run), and no preemption watcher (an extra actor
-# process at every start, watching for node drains that a one-machine Ray does not have).
-LOCAL_RAY_TRAIN_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-}
 # Also a folder name under train.storage_path and an MLflow search value: no quoting needed.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class TrainingError(RuntimeError):
     """Training failed beyond `train.max_failures`; the message names rank, epoch and cause."""
-
-
-@contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Join the cluster at `address`, or start a local Ray sized to this machine for the block."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            address=address,
-            logging_level=logging.WARNING,
-            configure_logging=False,
-            runtime_env=None if address else {"env_vars": LOCAL_RAY_TRAIN_ENV | TRAINING_ENV},
-        )
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def resolve_scaling(params: Params) -> tuple[ScalingConfig, bool]:
-    """Ray's ScalingConfig from params, checked against what the cluster has."""
-    scaling = params.train.scaling
-    resources = ray.cluster_resources()
-    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-    use_gpu = gpus >= 1 if scaling.use_gpu == "auto" else scaling.use_gpu
-    if use_gpu and gpus < scaling.num_workers:
-        raise ParamsError(
-            f"train.scaling.use_gpu: {scaling.num_workers} workers need one GPU each, "
-            f"the Ray cluster has {gpus:g}"
-        )
-    needed = scaling.num_workers * scaling.cpus_per_worker
-    if needed > cpus:
-        raise ParamsError(
-            f"train.scaling: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs "
-            f"= {needed} CPUs, the Ray cluster has {cpus:g}"
-        )
-    per_worker = {"CPU": float(scaling.cpus_per_worker)} | ({"GPU": 1.0} if use_gpu else {})
-    config = ScalingConfig(
-        num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
-    )
-    return config, use_gpu
 
 
 @dataclass(frozen=True)
@@ -142,35 +85,17 @@ def history_csv(history: list[dict[str, float]]) -> str:
 def _fit(
     params: Params,
     name: ModelName,
-    scaling: ScalingConfig,
     use_gpu: bool,
     ray_name: str,
     storage: str,
     recorder: RunRecorder,
 ) -> Result:
-    trainer = TorchTrainer(
-        worker_loop,  # type: ignore[arg-type]  # Ray hands rank 0's return value back
-        train_loop_config={
-            "params": params.model_dump(mode="json"),
-            "model": name,
-            "use_gpu": use_gpu,
-            "data": WorkerData.of(open_prepared(Path(params.paths.prepared))).share(),
-        },
-        scaling_config=scaling,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            # Same name and storage as an earlier attempt: Ray resumes from its latest
-            # checkpoint (ray.train.get_checkpoint() on the workers).
-            name=ray_name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max"
-            ),
-            failure_config=FailureConfig(max_failures=params.train.max_failures),
-            # Type checkers see ray.train's V1 RunConfig; at run time it is V2's.
-            callbacks=[recorder],  # type: ignore[list-item]
-        ),
+    data = WorkerData.of(open_prepared(Path(params.paths.prepared))).share()
+    checkpoints = CheckpointConfig(
+        num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max"
     )
+    # Same name and storage as an earlier attempt: Ray resumes from its latest checkpoint.
+    trainer = build_trainer(params, name, use_gpu, data, ray_name, storage, checkpoints, [recorder])
     return trainer.fit()
 
 
@@ -248,18 +173,19 @@ def train_model(
     ensure_reachable(uri)
     epochs = params.train.model(name).epochs
     with ray_session(settings.ray_address):
-        scaling, use_gpu = resolve_scaling(params)
+        use_gpu = resolve_scaling(params)
+        scaling = params.train.scaling
         storage = check_storage(params.train.storage_path)
         log.info(
             "training %s on %d Ray worker(s), %d CPU(s)%s each",
             name,
             scaling.num_workers,
-            params.train.scaling.cpus_per_worker,
+            scaling.cpus_per_worker,
             " + 1 GPU" if use_gpu else "",
         )
         run_params = {
             "ray.num_workers": str(scaling.num_workers),
-            "ray.cpus_per_worker": str(params.train.scaling.cpus_per_worker),
+            "ray.cpus_per_worker": str(scaling.cpus_per_worker),
             "ray.gpus_per_worker": "1" if use_gpu else "0",
             "ray.cluster": "external" if settings.ray_address else "local",
             "ray.storage_path": storage,
@@ -276,7 +202,7 @@ def train_model(
             client = MlflowClient(uri)
             recorder = RunRecorder(uri, run.run_id, params.train.max_failures)
             try:
-                result = _fit(params, name, scaling, use_gpu, ray_name, storage, recorder)
+                result = _fit(params, name, use_gpu, ray_name, storage, recorder)
             except TrainingFailedError as error:
                 epoch = max(logged_epochs(client, run.run_id), default=-1) + 1
                 message = describe_failure(error, name, epoch, epochs, params.train.max_failures)

@@ -9,9 +9,9 @@ import torch
 from pydantic import TypeAdapter
 from torch import nn
 
-from pipeline.config import CNNNetConfig, MLPNetConfig, ModelName, StrictModel
-from pipeline.data import CLASSES, Normalization
-from pipeline.io import atomic_path
+from pipeline.config.params import CNNNetConfig, MLPNetConfig, ModelName, StrictModel
+from pipeline.data.atomic import atomic_path
+from pipeline.data.prepared import CLASSES, Normalization
 from pipeline.models.networks import build_network
 
 MODEL_FILE = "model.pt"
@@ -39,7 +39,7 @@ class ModelSpec(StrictModel):
 
     def build(self) -> nn.Module:
         """An untrained network of this architecture."""
-        return build_network(self.kind, self.net_config(), self.mean, self.std)
+        return build_network(self.kind, self.net_config().model_dump(), self.mean, self.std)
 
     @classmethod
     def describe(

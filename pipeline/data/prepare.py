@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Params, PrepareConfig
-from pipeline.data import CLASSES, Normalization, Split, SplitArrays, save_prepared
-from pipeline.idx import IdxError, read_images, read_labels
-from pipeline.io import atomic_path, write_json
+from pipeline.config.params import Params, PrepareConfig
+from pipeline.data.atomic import atomic_path, write_json
+from pipeline.data.idx import IdxError, read_images, read_labels
+from pipeline.data.prepared import CLASSES, Normalization, Split, SplitArrays, save_prepared
 
 DATA_REPORT = "data.json"
 

@@ -9,10 +9,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a display
 
 import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from pipeline.data import CLASSES  # noqa: E402
+from pipeline.data.prepared import CLASSES  # noqa: E402
 
 
 def confusion_figure(confusion: np.ndarray, title: str) -> Figure:
@@ -67,3 +68,10 @@ def curves_figure(history: list[dict[str, float]], title: str) -> Figure:
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def log_training_curves(history: list[dict[str, float]], name: str) -> None:
+    """The curves as a figure in the active run."""
+    figure = curves_figure(history, f"{name} training")
+    mlflow.log_figure(figure, "training/curves.png")
+    plt.close(figure)

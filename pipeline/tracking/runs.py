@@ -1,12 +1,9 @@
-"""MLflow tracking: where runs go, what a training run records, and the logged model."""
+"""MLflow runs: where they go, what a training run records, and when one is resumed."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -14,40 +11,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import matplotlib.pyplot as plt
 import mlflow
-import numpy as np
-import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Metric, Run
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
-from torch import nn
 
-from pipeline.config import ModelName, Params
-from pipeline.data import SplitArrays
-from pipeline.figures import confusion_figure, curves_figure, misclassified_figure
-from pipeline.models.networks import IMAGE_SIZE, NUM_CLASSES, Probabilities
-from pipeline.run_log import RESTARTS_TAG
-from pipeline.settings import Settings
-
-if TYPE_CHECKING:
-    from pipeline.evaluate import Evaluation
+from pipeline.config.env import Settings
+from pipeline.config.params import ModelName, Params
+from pipeline.tracking.epochs import RESTARTS_TAG
+from pipeline.tracking.lineage import dvc_hash, git_commit
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-MODEL_ARTIFACT = "model"
-MANIFEST_TAG = "model.files_sha256"
-INPUT_CONTRACT = (
-    "images: float32 array (N, 28, 28), grayscale, pixel values in [0, 1], raw (the model "
-    "normalises); output: float32 (N, 10) class probabilities, predicted digit = argmax"
-)
 
 
 class TrackingError(RuntimeError):
@@ -81,39 +61,6 @@ def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist")
-
-
-def git_commit() -> str:
-    """HEAD's commit, marked `-dirty` when tracked files differ from it; in a Ray job (whose
-    upload has no .git) the commit `submit` read where the job was submitted."""
-    submitted = Settings().pipeline_git_commit
-    if submitted:
-        return submitted
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit}-dirty" if dirty else commit
-
-
-def dvc_hash(folder: Path) -> str:
-    """The hash DVC records for `folder` in dvc.lock (`<md5>.dir`), computed the same way."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db.local import LocalHashFileDB
-    from dvc_objects.fs import LocalFileSystem
-
-    fs = LocalFileSystem()
-    with tempfile.TemporaryDirectory() as scratch:
-        _, _, obj = build(LocalHashFileDB(fs, scratch), str(folder), fs, "md5", dry_run=True)
-    return str(obj.hash_info.value)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -257,101 +204,3 @@ def training_run(
         )
         mlflow.log_input(dataset, context="training")
         yield OpenRun(run.info.run_id, resumed=False)
-
-
-def signature() -> ModelSignature:
-    """The one input contract, as MLflow states it.
-
-    Unnamed tensors: a named input makes pyfunc hand the flavor a dict, which it refuses.
-    """
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIZE, IMAGE_SIZE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
-    )
-
-
-# Written by MLflow into each download of a `models:/` URI, so it differs per download.
-_DOWNLOAD_NOTE = "registered_model_meta"
-
-
-def files_sha256(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file of a downloaded model under `folder`, by relative path."""
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != _DOWNLOAD_NOTE
-    }
-
-
-def log_model(net: nn.Module, example: np.ndarray, metadata: dict[str, Any]) -> str:
-    """Log `net` (as probabilities) pickle-free into the active run; return its model URI.
-
-    The uploaded files' SHA-256 go into a run tag, so a later download can be verified.
-    """
-    info = mlflow.pytorch.log_model(
-        Probabilities(net).eval(),
-        name=MODEL_ARTIFACT,
-        serialization_format="pt2",
-        signature=signature(),
-        input_example=example.astype(np.float32),
-        metadata=metadata | {"input_contract": INPUT_CONTRACT},
-        # Stated, not inferred: inference reloads the model in a subprocess (slow) and keeps
-        # torch's `+cpu` label, which PyPI cannot resolve.
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-            f"numpy=={np.__version__}",
-        ],
-    )
-    with tempfile.TemporaryDirectory() as scratch:
-        local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=scratch))
-        mlflow.set_tag(MANIFEST_TAG, json.dumps(files_sha256(local), sort_keys=True))
-    return str(info.model_uri)
-
-
-def log_training_curves(history: list[dict[str, float]], name: ModelName) -> None:
-    """The curves as a figure in the active run."""
-    figure = curves_figure(history, f"{name} training")
-    mlflow.log_figure(figure, "training/curves.png")
-    plt.close(figure)
-
-
-def log_evaluation(
-    uri: str,
-    run_id: str,
-    evaluation: Evaluation,
-    test: SplitArrays,
-    grid_size: int,
-) -> None:
-    """Test metrics and evaluation figures into the run that trained the model."""
-    client = MlflowClient(uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException as error:
-        raise TrackingError(f"MLflow run {run_id} not found at {uri}: {error.message}") from None
-    now = int(time.time() * 1000)
-    metrics = [Metric("test/accuracy", evaluation.accuracy, now, 0)]
-    metrics.append(Metric("test/loss", evaluation.loss, now, 0))
-    metrics += [
-        Metric(f"test/accuracy_{digit}", value, now, 0)
-        for digit, value in evaluation.per_class_accuracy.items()
-    ]
-    client.log_batch(run_id, metrics=metrics)
-    client.log_table(
-        run_id,
-        data={
-            "digit": list(evaluation.per_class_accuracy),
-            "accuracy": list(evaluation.per_class_accuracy.values()),
-            "support": evaluation.confusion.sum(axis=1).tolist(),
-        },
-        artifact_file="evaluation/per_class_accuracy.json",
-    )
-    for figure, path in (
-        (confusion_figure(evaluation.confusion, "test confusion matrix"), "confusion_matrix.png"),
-        (
-            misclassified_figure(test.images, test.labels, evaluation.predictions, grid_size),
-            "misclassified.png",
-        ),
-    ):
-        client.log_figure(run_id, figure, f"evaluation/{path}")
-        plt.close(figure)

@@ -1,6 +1,6 @@
 """What runs on each Ray Train worker: the loaders, the Lightning callbacks and `worker_loop`.
 
-Apart from the driver (`pipeline.train`): a worker process imports this module to unpickle
+Apart from the driver (`pipeline.training.driver`): a worker process imports this module to unpickle
 its training function, and it needs neither MLflow nor the driver's plotting and export
 code (about a second of imports less in every worker, on the path of each training's start).
 """
@@ -30,9 +30,9 @@ from ray.train.lightning import (
 )
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.artifact import state_dict_from_lightning
-from pipeline.config import ModelName, parse_params
-from pipeline.data import Normalization, PreparedData, SplitArrays
+from pipeline.config.params import ModelName, parse_params
+from pipeline.data.prepared import Normalization, PreparedData, SplitArrays
+from pipeline.models.artifact import state_dict_from_lightning
 from pipeline.models.module import Classifier
 from pipeline.models.networks import build_network
 
@@ -280,7 +280,9 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     # From the object store, not a path: a worker on another node cannot see the driver's disk.
     data: WorkerData = ray.get(config["data"])
-    net = build_network(name, model_config.net, data.normalization.mean, data.normalization.std)
+    net = build_network(
+        name, model_config.net.model_dump(), data.normalization.mean, data.normalization.std
+    )
     module = Classifier(net, model_config)
     # Each worker sees 1/num_workers of each split (make_loaders shards, not Lightning).
     context = ray.train.get_context()

@@ -11,13 +11,14 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from pipeline.artifact import load_model
-from pipeline.config import MODEL_NAMES, ModelName, Params
-from pipeline.data import open_prepared
-from pipeline.io import write_json
-from pipeline.registry import Candidate, Decision, decide_and_promote
-from pipeline.settings import Settings
-from pipeline.tracking import MANIFEST_TAG, ensure_reachable, tracking_uri
+from pipeline.config.env import Settings
+from pipeline.config.params import MODEL_NAMES, ModelName, Params
+from pipeline.data.atomic import write_json
+from pipeline.data.prepared import open_prepared
+from pipeline.models.artifact import load_model
+from pipeline.registry.versions import Candidate, Decision, decide_and_promote
+from pipeline.tracking.manifest import MANIFEST_TAG
+from pipeline.tracking.runs import ensure_reachable, tracking_uri
 
 REPORT = "registry.json"
 

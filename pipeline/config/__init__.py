@@ -1,0 +1,1 @@
+"""Configuration: the params.yaml schema, the search spaces, the environment settings."""

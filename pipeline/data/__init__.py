@@ -1,0 +1,1 @@
+"""Data: fetch and prepare MNIST, the prepared-data format, atomic files, image -> digit."""

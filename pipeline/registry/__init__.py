@@ -1,0 +1,1 @@
+"""The model registry: versions, aliases and the promotion gate; register; pull."""

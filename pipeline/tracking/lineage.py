@@ -1,0 +1,42 @@
+"""Lineage of a run: the project's git commit and the DVC hash of the data it trained on."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pipeline.config.env import Settings
+
+
+def git_commit() -> str:
+    """HEAD's commit, marked `-dirty` when tracked files differ from it; in a Ray job (whose
+    upload has no .git) the commit `submit` read where the job was submitted."""
+    submitted = Settings().pipeline_git_commit
+    if submitted:
+        return submitted
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def dvc_hash(folder: Path) -> str:
+    """The hash DVC records for `folder` in dvc.lock (`<md5>.dir`), computed the same way."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db.local import LocalHashFileDB
+    from dvc_objects.fs import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as scratch:
+        _, _, obj = build(LocalHashFileDB(fs, scratch), str(folder), fs, "md5", dry_run=True)
+    return str(obj.hash_info.value)
