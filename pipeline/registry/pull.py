@@ -9,7 +9,6 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from pipeline.config.env import Settings
@@ -50,8 +49,8 @@ def pull(
         # would be resolved against the process-wide registry (MLflow ignores registry_uri
         # there), i.e. ./mlflow.db when MLFLOW_TRACKING_URI is unset.
         source = client.get_model_version_download_uri(name, found.version)
-        get_artifact_repository(source, tracking_uri=client.tracking_uri).download_artifacts(
-            "", dst_path=str(staged)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(staged), tracking_uri=client.tracking_uri
         )
         actual = files_sha256(staged)
         if actual != expected:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import subprocess
-import tempfile
 from pathlib import Path
 
+from pipeline.compat.dvc import folder_hash
 from pipeline.config.env import Settings
 
 
@@ -31,12 +31,5 @@ def git_commit() -> str:
 
 
 def dvc_hash(folder: Path) -> str:
-    """The hash DVC records for `folder` in dvc.lock (`<md5>.dir`), computed the same way."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db.local import LocalHashFileDB
-    from dvc_objects.fs import LocalFileSystem
-
-    fs = LocalFileSystem()
-    with tempfile.TemporaryDirectory() as scratch:
-        _, _, obj = build(LocalHashFileDB(fs, scratch), str(folder), fs, "md5", dry_run=True)
-    return str(obj.hash_info.value)
+    """The hash DVC records for `folder` in dvc.lock (`<md5>.dir`)."""
+    return folder_hash(folder)

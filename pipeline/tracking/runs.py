@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.numpy_dataset import from_numpy
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config.env import Settings
 from pipeline.config.params import ModelName, Params
+from pipeline.data.prepared import open_prepared
 from pipeline.tracking.epochs import RESTARTS_TAG
 from pipeline.tracking.lineage import dvc_hash, git_commit
 
@@ -197,8 +197,11 @@ def training_run(
             tags
             | {"model_type": name, "data.digest": data_digest, RESTARTS_TAG: "0", RESUMES_TAG: "0"}
         )
-        dataset = MetaDataset(  # type: ignore[abstract]  # concrete at run time
-            source=resolve_dataset_source(str(prepared.resolve())),
+        train = open_prepared(prepared).load("train")
+        dataset = from_numpy(
+            train.images,
+            targets=train.labels,
+            source=str(prepared.resolve()),
             name="mnist-prepared",
             digest=dvc_hash(prepared),
         )
