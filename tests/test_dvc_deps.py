@@ -42,7 +42,7 @@ def _imported(nodes: list[ast.stmt] | ast.AST, root: Path) -> set[str]:
 
 def closure(root: Path, modules: set[str]) -> set[str]:
     """`modules`, the packages above them and everything they import, transitively (the CLI's
-    own imports are the command's, from `command_modules`)."""
+    imports are the command's, from `command_modules`)."""
     seen: set[str] = set()
     todo = list(modules)
     while todo:
@@ -54,22 +54,27 @@ def closure(root: Path, modules: set[str]) -> set[str]:
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]
         path = module_file(root, module)
         assert path is not None, module
-        if module != CLI:
+        if not module.startswith(CLI):
             todo += _imported(ast.parse(path.read_text()), root)
     return seen
 
 
 def command_modules(root: Path, command: str) -> set[str]:
-    """What `mnist-pipeline <command> ...` imports: the CLI module's own top-level imports and
-    those inside the function of that command (the CLI imports each stage lazily)."""
+    """What `mnist-pipeline <command> ...` imports: the CLI modules and their top-level
+    imports, and the imports inside that command's function (each stage is imported lazily)."""
     words = shlex.split(command)
     assert words[0] == "mnist-pipeline", command
-    cli = ast.parse(module_file(root, CLI).read_text())  # type: ignore[union-attr]
-    top = [node for node in cli.body if isinstance(node, ast.Import | ast.ImportFrom)]
     name = words[1].replace("-", "_")
-    functions = [f for f in cli.body if isinstance(f, ast.FunctionDef) and f.name == name]
-    assert functions, f"no CLI function {name!r} for {command!r}"
-    return {CLI} | _imported(top, root) | _imported(functions[0], root)
+    modules = {CLI} | {f"{CLI}.{path.stem}" for path in (root / "pipeline" / "cli").glob("*.py")}
+    modules.discard(f"{CLI}.__init__")
+    found, functions = set(modules), []
+    for module in modules:
+        tree = ast.parse(module_file(root, module).read_text())  # type: ignore[union-attr]
+        top = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+        found |= _imported(top, root)
+        functions += [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == name]
+    assert len(functions) == 1, f"no single CLI function {name!r} for {command!r}"
+    return found | _imported(functions[0], root)
 
 
 def has_code(path: Path) -> bool:
