@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,15 @@ def pull(
     if not expected:
         raise RegistryError(f"{name} version {found.version} has no checksums ({MANIFEST_TAG})")
     with atomic_path(out) as staged:
-        staged.mkdir()
         # From the version's own artifact location, with this client's store: a models:/ URI
         # would be resolved against the process-wide registry (MLflow ignores registry_uri
         # there), i.e. ./mlflow.db when MLFLOW_TRACKING_URI is unset.
         source = client.get_model_version_download_uri(name, found.version)
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=source, dst_path=str(staged), tracking_uri=client.tracking_uri
+        # It lands in a folder named as the source's last part: the staged folder is that one.
+        downloaded = mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(staged.parent), tracking_uri=client.tracking_uri
         )
+        os.replace(downloaded, staged)
         actual = files_sha256(staged)
         if actual != expected:
             bad = sorted(

@@ -9,13 +9,13 @@ that produced it, also while a new version is being swapped in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.serving.background import Background
 from services.serving.model import ServedModel
 
 
@@ -38,16 +38,13 @@ class MicroBatcher:
         self._max_wait_s = max_wait_s
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background(self._run, "micro-batcher")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="micro-batcher")
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._background.stop()
 
     async def predict(self, images: np.ndarray) -> tuple[np.ndarray, ServedModel]:
         """Probabilities for `images` (float32 (N, 28, 28)), and the model that made them."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import time
@@ -11,6 +10,7 @@ from collections.abc import Callable
 
 from mlflow.entities.model_registry import ModelVersion
 
+from services.serving.background import Background
 from services.serving.metrics import ServingMetrics
 from services.serving.model import (
     ModelLoadError,
@@ -38,7 +38,7 @@ class ModelHolder:
         self.ref = ModelRef.parse(settings.model_uri)
         self._loader = loader
         self._model: ServedModel | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background(self._poll, "model-poller")
         self.last_error: str | None = "loading"
         # A version that failed to load, and when: retried only after a cool-down.
         self._refused: tuple[str, float] | None = None
@@ -98,10 +98,7 @@ class ModelHolder:
             await asyncio.sleep(self.settings.poll_interval_s)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._poll(), name="model-poller")
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._background.stop()
