@@ -33,6 +33,13 @@ def test_repo_params_validate() -> None:
     assert params.fetch.mirrors, "at least one public mirror is configured"
 
 
+def test_repo_params_dump_back_as_written() -> None:
+    """Each key stays where params.yaml has it (`tune.cnn.channels`, `train.mlp.net`, ...)."""
+    raw = raw_params()
+
+    assert parse_params(raw).model_dump(mode="json") == raw
+
+
 def test_small_profile_of_the_repo_params_validates() -> None:
     raw = with_overrides(raw_params(), {"prepare.train_limit": 2500, "prepare.val_size": 500})
 

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from playwright.sync_api import Browser, Page, sync_playwright
 from torch import nn
 
-from pipeline.config.params import CNNNetConfig
+from pipeline.config.nets import CNNNetConfig
 from pipeline.data.prepared import open_prepared
 from pipeline.models.networks import build_network
 from pipeline.tracking.manifest import MANIFEST_TAG

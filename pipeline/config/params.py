@@ -5,12 +5,10 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -22,20 +20,21 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.config.base import MODEL_NAMES as MODEL_NAMES  # re-exported for the stages
+from pipeline.config.base import ModelName as ModelName  # re-exported for the stages
+from pipeline.config.base import StrictModel
+from pipeline.config.nets import CNNNetConfig, MLPNetConfig, NetConfig
+from pipeline.config.search import SearchSpace as SearchSpace  # re-exported for pipeline/tune
+from pipeline.config.search import TuneConfig
+
 MNIST_TRAIN_SIZE = 60_000
 MNIST_TEST_SIZE = 10_000
-ModelName = Literal["mlp", "cnn"]
-MODEL_NAMES: tuple[ModelName, ...] = ("mlp", "cnn")
+NetT = TypeVar("NetT", bound=NetConfig, covariant=True)
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
 
 class ParamsError(ValueError):
     """Invalid parameters; the message names each offending key path."""
-
-
-class StrictModel(BaseModel):
-    # strict: `epochs: true` or `lr: "0.1"` are mistakes, not values to coerce.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, serialize_by_alias=True)
 
 
 class PathsConfig(StrictModel):
@@ -68,20 +67,6 @@ class PrepareConfig(StrictModel):
         return val_size
 
 
-Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-class MLPNetConfig(StrictModel):
-    hidden_sizes: list[PositiveInt] = Field(min_length=1)
-    dropout: Dropout = 0.2
-
-
-class CNNNetConfig(StrictModel):
-    # Each block halves the resolution (28 -> 14 -> 7 -> 3 -> 1), hence at most four.
-    channels: list[PositiveInt] = Field(min_length=1, max_length=4)
-    dropout: Dropout = 0.1
-
-
 class OptimConfig(StrictModel):
     epochs: PositiveInt
     batch_size: PositiveInt = Field(description="global batch size, split across workers")
@@ -91,12 +76,10 @@ class OptimConfig(StrictModel):
     augment: bool = False
 
 
-class MLPTrainConfig(OptimConfig):
-    net: MLPNetConfig
+class ModelTrainConfig(OptimConfig, Generic[NetT]):
+    """`train.<model>`: the optimisation, and the network it trains."""
 
-
-class CNNTrainConfig(OptimConfig):
-    net: CNNNetConfig
+    net: NetT
 
 
 class ScalingConfig(StrictModel):
@@ -109,8 +92,8 @@ class TrainConfig(StrictModel):
     scaling: ScalingConfig = ScalingConfig()
     storage_path: str = ".ray_results"
     max_failures: NonNegativeInt = 0
-    mlp: MLPTrainConfig
-    cnn: CNNTrainConfig
+    mlp: ModelTrainConfig[MLPNetConfig]
+    cnn: ModelTrainConfig[CNNNetConfig]
 
     @field_validator("mlp", "cnn")
     @classmethod
@@ -123,7 +106,7 @@ class TrainConfig(StrictModel):
             )
         return model
 
-    def model(self, name: ModelName) -> MLPTrainConfig | CNNTrainConfig:
+    def model(self, name: ModelName) -> ModelTrainConfig[NetConfig]:
         return self.mlp if name == "mlp" else self.cnn
 
 
@@ -140,209 +123,6 @@ class MlflowConfig(StrictModel):
 class RegisterConfig(StrictModel):
     # Test-accuracy margin a challenger needs over the champion to replace it.
     min_improvement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.001
-
-
-class LogUniform(StrictModel):
-    low: PositiveFloat
-    high: PositiveFloat
-
-    @model_validator(mode="after")
-    def _ordered(self) -> LogUniform:
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        return self
-
-    def __contains__(self, value: object) -> bool:
-        return isinstance(value, float) and self.low <= value <= self.high
-
-
-class DropoutRange(StrictModel):
-    low: Dropout
-    high: Dropout
-
-    @model_validator(mode="after")
-    def _ordered(self) -> DropoutRange:
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        return self
-
-    def __contains__(self, value: object) -> bool:
-        return isinstance(value, float) and self.low <= value <= self.high
-
-
-def _unique(values: list[Any]) -> list[Any]:
-    if len({repr(v) for v in values}) != len(values):
-        raise ValueError("choices must differ from each other")
-    return values
-
-
-CnnChannels = Annotated[list[PositiveInt], Field(min_length=1, max_length=4)]
-
-
-class MLPPoint(StrictModel):
-    """A whole configuration, tried before the sampled ones (e.g. the current defaults)."""
-
-    lr: PositiveFloat
-    dropout: Dropout
-    batch_size: PositiveInt
-    hidden_sizes: list[PositiveInt]
-
-
-class CNNPoint(StrictModel):
-    """A whole configuration, tried before the sampled ones (e.g. the current defaults)."""
-
-    lr: PositiveFloat
-    dropout: Dropout
-    batch_size: PositiveInt
-    channels: CnnChannels
-
-
-class SearchSpace(StrictModel):
-    """What one model's search samples. `epochs` is each trial's budget (ASHA's max_t)."""
-
-    num_samples: PositiveInt = Field(description="trials in the search")
-    epochs: PositiveInt = Field(description="max epochs per trial; ASHA stops the weak earlier")
-    lr: LogUniform
-    dropout: DropoutRange
-    batch_size: list[PositiveInt] = Field(min_length=1)
-    WIDTH_KEY: ClassVar[str] = ""
-
-    @field_validator("batch_size")
-    @classmethod
-    def _unique_batches(cls, values: list[int]) -> list[int]:
-        return _unique(values)
-
-    def width(self) -> list[list[int]]:
-        """The choices of network width (hidden sizes or channels)."""
-        raise NotImplementedError
-
-    def start_points(self) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-    def _check_points(self, points: list[MLPPoint] | list[CNNPoint]) -> None:
-        for index, point in enumerate(points):
-            values = point.model_dump()
-            where = f"start_from.{index}"
-            if values["lr"] not in self.lr:
-                raise ValueError(f"{where}.lr: {values['lr']} is outside lr [low, high]")
-            if values["dropout"] not in self.dropout:
-                raise ValueError(
-                    f"{where}.dropout: {values['dropout']} is outside dropout [low, high]"
-                )
-            if values["batch_size"] not in self.batch_size:
-                raise ValueError(f"{where}.batch_size: {values['batch_size']} is not a choice")
-            if values[self.WIDTH_KEY] not in self.width():
-                raise ValueError(
-                    f"{where}.{self.WIDTH_KEY}: {values[self.WIDTH_KEY]} is not a choice"
-                )
-        if len(points) > self.num_samples:
-            raise ValueError(
-                f"start_from: {len(points)} points, more than num_samples ({self.num_samples})"
-            )
-
-
-class MLPSearch(SearchSpace):
-    hidden_sizes: list[Annotated[list[PositiveInt], Field(min_length=1)]] = Field(min_length=1)
-    start_from: list[MLPPoint] = []
-    WIDTH_KEY: ClassVar[str] = "hidden_sizes"
-
-    @field_validator("hidden_sizes")
-    @classmethod
-    def _unique_widths(cls, values: list[list[int]]) -> list[list[int]]:
-        return _unique(values)
-
-    @model_validator(mode="after")
-    def _points_inside(self) -> MLPSearch:
-        self._check_points(self.start_from)
-        return self
-
-    def width(self) -> list[list[int]]:
-        return self.hidden_sizes
-
-    def start_points(self) -> list[dict[str, Any]]:
-        return [point.model_dump() for point in self.start_from]
-
-
-class CNNSearch(SearchSpace):
-    channels: list[CnnChannels] = Field(min_length=1)
-    start_from: list[CNNPoint] = []
-    WIDTH_KEY: ClassVar[str] = "channels"
-
-    @field_validator("channels")
-    @classmethod
-    def _unique_widths(cls, values: list[list[int]]) -> list[list[int]]:
-        return _unique(values)
-
-    @model_validator(mode="after")
-    def _points_inside(self) -> CNNSearch:
-        self._check_points(self.start_from)
-        return self
-
-    def width(self) -> list[list[int]]:
-        return self.channels
-
-    def start_points(self) -> list[dict[str, Any]]:
-        return [point.model_dump() for point in self.start_from]
-
-
-class AshaConfig(StrictModel):
-    grace_period: PositiveInt = Field(default=2, description="epochs before a trial can stop")
-    reduction_factor: Annotated[int, Field(ge=2)] = 2
-
-
-class TrialScaling(StrictModel):
-    """Ray Train workers of one trial (GPUs: as `train.scaling.use_gpu`)."""
-
-    num_workers: PositiveInt = 1
-    cpus_per_worker: PositiveInt = 1
-
-
-class TuneConfig(StrictModel):
-    scaling: TrialScaling = TrialScaling()
-    max_concurrent_trials: PositiveInt | None = Field(
-        default=None, description="null: as many trials as the cluster's CPUs (GPUs) fit"
-    )
-    train_limit: PositiveInt | None = Field(
-        default=None, description="train each trial on this many images (seeded); null: all"
-    )
-    scheduler: AshaConfig = AshaConfig()
-    # Defaults for a params file without the section; params.yaml states its own.
-    mlp: MLPSearch = MLPSearch(
-        num_samples=12,
-        epochs=6,
-        lr=LogUniform(low=3e-4, high=1e-2),
-        dropout=DropoutRange(low=0.0, high=0.4),
-        batch_size=[64, 128, 256],
-        hidden_sizes=[[256], [512, 256], [1024, 512]],
-    )
-    cnn: CNNSearch = CNNSearch(
-        num_samples=8,
-        epochs=4,
-        lr=LogUniform(low=1e-3, high=3e-2),
-        dropout=DropoutRange(low=0.0, high=0.3),
-        batch_size=[64, 128, 256],
-        channels=[[16, 32, 64], [32, 64, 128], [32, 64, 128, 256]],
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TuneConfig:
-        for name in MODEL_NAMES:
-            space = self.model(name)
-            if self.scheduler.grace_period > space.epochs:
-                raise ValueError(
-                    f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds "
-                    f"{name}.epochs ({space.epochs})"
-                )
-            uneven = [b for b in space.batch_size if b % self.scaling.num_workers]
-            if uneven:
-                raise ValueError(
-                    f"{name}.batch_size: {uneven} not a multiple of scaling.num_workers "
-                    f"({self.scaling.num_workers})"
-                )
-        return self
-
-    def model(self, name: ModelName) -> MLPSearch | CNNSearch:
-        return self.mlp if name == "mlp" else self.cnn
 
 
 class Params(StrictModel):

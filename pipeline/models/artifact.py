@@ -6,19 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import TypeAdapter
 from torch import nn
 
-from pipeline.config.params import CNNNetConfig, MLPNetConfig, ModelName, StrictModel
+from pipeline.config.base import ModelName, StrictModel
+from pipeline.config.nets import NET_CONFIGS, NetConfig
 from pipeline.data.atomic import atomic_path
 from pipeline.data.prepared import CLASSES, Normalization
 from pipeline.models.networks import build_network
 
 MODEL_FILE = "model.pt"
-_NET_CONFIGS: dict[str, type[MLPNetConfig] | type[CNNNetConfig]] = {
-    "mlp": MLPNetConfig,
-    "cnn": CNNNetConfig,
-}
 
 
 class ModelSpec(StrictModel):
@@ -34,8 +30,8 @@ class ModelSpec(StrictModel):
     val_accuracy: float
     run_id: str | None = None  # the MLflow run that trained it
 
-    def net_config(self) -> MLPNetConfig | CNNNetConfig:
-        return TypeAdapter(_NET_CONFIGS[self.kind]).validate_python(self.net)
+    def net_config(self) -> NetConfig:
+        return NET_CONFIGS[self.kind].model_validate(self.net)
 
     def build(self) -> nn.Module:
         """An untrained network of this architecture."""
@@ -45,7 +41,7 @@ class ModelSpec(StrictModel):
     def describe(
         cls,
         kind: ModelName,
-        net: MLPNetConfig | CNNNetConfig,
+        net: NetConfig,
         normalization: Normalization,
         data_digest: str,
         epoch: int,

@@ -1,0 +1,208 @@
+"""The `tune` section of params.yaml: what each model's search samples, and how it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    Field,
+    GetCoreSchemaHandler,
+    PositiveFloat,
+    PositiveInt,
+    create_model,
+    model_validator,
+)
+from pydantic_core import CoreSchema
+
+from pipeline.config.base import MODEL_NAMES, Dropout, ModelName, StrictModel
+from pipeline.config.nets import NET_CONFIGS, NetConfig
+
+Bound = TypeVar("Bound", bound=float)
+Choice = TypeVar("Choice")
+
+
+class Range(StrictModel, Generic[Bound]):
+    """[low, high]; the search samples lr log-uniformly, dropout uniformly (pipeline/tune)."""
+
+    low: Bound
+    high: Bound
+
+    @classmethod
+    def model_parametrized_name(cls, params: tuple[Any, ...]) -> str:
+        return "Range"  # what error messages call it, not `Range[Annotated[float, Gt]]`
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range[Bound]:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, float) and self.low <= value <= self.high
+
+
+def _unique(values: list[Choice]) -> list[Choice]:
+    if len({repr(v) for v in values}) != len(values):
+        raise ValueError("choices must differ from each other")
+    return values
+
+
+Choices = Annotated[list[Choice], Field(min_length=1), AfterValidator(_unique)]
+
+
+class StartPoint(StrictModel):
+    """A whole configuration, tried before the sampled ones (e.g. the current defaults);
+    `space_of` adds the net's width key."""
+
+    lr: PositiveFloat
+    dropout: Dropout
+    batch_size: PositiveInt
+
+
+class SearchSpace(StrictModel):
+    """What one model's search samples. `epochs` is each trial's budget (ASHA's max_t).
+    `space_of` adds the net's width choices, under its `WIDTH_KEY`."""
+
+    num_samples: PositiveInt = Field(description="trials in the search")
+    epochs: PositiveInt = Field(description="max epochs per trial; ASHA stops the weak earlier")
+    lr: Range[PositiveFloat]
+    dropout: Range[Dropout]
+    batch_size: Choices[PositiveInt]
+    WIDTH_KEY: ClassVar[str] = ""
+    if TYPE_CHECKING:
+        # `space_of` declares it after the width, where params.yaml has it.
+        start_from: list[StartPoint]
+
+    def width(self) -> list[list[int]]:
+        """The choices of network width (hidden sizes or channels)."""
+        widths: list[list[int]] = getattr(self, self.WIDTH_KEY)
+        return widths
+
+    def start_points(self) -> list[dict[str, Any]]:
+        return [point.model_dump() for point in self.start_from]
+
+    @model_validator(mode="after")
+    def _points_inside(self) -> SearchSpace:
+        for index, values in enumerate(self.start_points()):
+            where = f"start_from.{index}"
+            if values["lr"] not in self.lr:
+                raise ValueError(f"{where}.lr: {values['lr']} is outside lr [low, high]")
+            if values["dropout"] not in self.dropout:
+                raise ValueError(
+                    f"{where}.dropout: {values['dropout']} is outside dropout [low, high]"
+                )
+            if values["batch_size"] not in self.batch_size:
+                raise ValueError(f"{where}.batch_size: {values['batch_size']} is not a choice")
+            if values[self.WIDTH_KEY] not in self.width():
+                raise ValueError(
+                    f"{where}.{self.WIDTH_KEY}: {values[self.WIDTH_KEY]} is not a choice"
+                )
+        if len(self.start_from) > self.num_samples:
+            raise ValueError(
+                f"start_from: {len(self.start_from)} points, more than num_samples "
+                f"({self.num_samples})"
+            )
+        return self
+
+
+def space_of(net: type[NetConfig]) -> type[SearchSpace]:
+    """The search space of `net`: its width key, each choice constrained as the net's own."""
+    key = net.WIDTH_KEY
+    width = net.model_fields[key].rebuild_annotation()
+    stem = net.__name__.removesuffix("NetConfig")
+    point = create_model(f"{stem}Point", __base__=StartPoint, __module__=__name__, **{key: width})
+    fields: dict[str, Any] = {
+        key: Choices[width],  # type: ignore[valid-type]  # the net's type, known at run time
+        "start_from": (list[point], []),
+    }
+    return create_model(
+        f"{stem}Search",
+        __base__=SearchSpace,
+        __module__=__name__,
+        __namespace__={"WIDTH_KEY": key},
+        **fields,
+    )
+
+
+SPACES: dict[ModelName, type[SearchSpace]] = {
+    name: space_of(net) for name, net in NET_CONFIGS.items()
+}
+
+
+@dataclass(frozen=True)
+class _SpaceOf:
+    """Validates a field typed `SearchSpace` as model `name`'s space (`SPACES`), whose width
+    field is made at run time, out of mypy's sight."""
+
+    name: ModelName
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return handler(SPACES[self.name])
+
+
+class AshaConfig(StrictModel):
+    grace_period: PositiveInt = Field(default=2, description="epochs before a trial can stop")
+    reduction_factor: Annotated[int, Field(ge=2)] = 2
+
+
+class TrialScaling(StrictModel):
+    """Ray Train workers of one trial (GPUs: as `train.scaling.use_gpu`)."""
+
+    num_workers: PositiveInt = 1
+    cpus_per_worker: PositiveInt = 1
+
+
+class TuneConfig(StrictModel):
+    scaling: TrialScaling = TrialScaling()
+    max_concurrent_trials: PositiveInt | None = Field(
+        default=None, description="null: as many trials as the cluster's CPUs (GPUs) fit"
+    )
+    train_limit: PositiveInt | None = Field(
+        default=None, description="train each trial on this many images (seeded); null: all"
+    )
+    scheduler: AshaConfig = AshaConfig()
+    # Defaults for a params file without the section; params.yaml states its own.
+    mlp: Annotated[SearchSpace, _SpaceOf("mlp")] = SPACES["mlp"].model_validate(
+        {
+            "num_samples": 12,
+            "epochs": 6,
+            "lr": {"low": 3e-4, "high": 1e-2},
+            "dropout": {"low": 0.0, "high": 0.4},
+            "batch_size": [64, 128, 256],
+            "hidden_sizes": [[256], [512, 256], [1024, 512]],
+        }
+    )
+    cnn: Annotated[SearchSpace, _SpaceOf("cnn")] = SPACES["cnn"].model_validate(
+        {
+            "num_samples": 8,
+            "epochs": 4,
+            "lr": {"low": 1e-3, "high": 3e-2},
+            "dropout": {"low": 0.0, "high": 0.3},
+            "batch_size": [64, 128, 256],
+            "channels": [[16, 32, 64], [32, 64, 128], [32, 64, 128, 256]],
+        }
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneConfig:
+        for name in MODEL_NAMES:
+            space = self.model(name)
+            if self.scheduler.grace_period > space.epochs:
+                raise ValueError(
+                    f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds "
+                    f"{name}.epochs ({space.epochs})"
+                )
+            uneven = [b for b in space.batch_size if b % self.scaling.num_workers]
+            if uneven:
+                raise ValueError(
+                    f"{name}.batch_size: {uneven} not a multiple of scaling.num_workers "
+                    f"({self.scaling.num_workers})"
+                )
+        return self
+
+    def model(self, name: ModelName) -> SearchSpace:
+        return self.mlp if name == "mlp" else self.cnn
