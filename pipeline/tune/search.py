@@ -24,7 +24,6 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.compat.ray import head_node
 from pipeline.config.env import Settings
 from pipeline.config.params import ModelName, Params, ParamsError, parse_params
 from pipeline.data.atomic import write_json, write_text
@@ -41,7 +40,6 @@ from pipeline.training.ray_env import check_storage, ray_session, resolve_scalin
 from pipeline.training.worker import MONITOR, WorkerData
 from pipeline.tune.space import (
     apply_command,
-    fingerprint,
     overrides,
     start_points,
     tune_space,
@@ -49,29 +47,27 @@ from pipeline.tune.space import (
 )
 from pipeline.tune.trial import (
     EPOCHS_DONE,
+    TERMINAL,
     ResumingASHA,
     TrialSetup,
+    TrialSummary,
     max_concurrent_trials,
-    run_trial,
+    read_trials,
     train_subset,
+    trainable,
     trial_dirname,
 )
 from pipeline.tune.trial_runs import (
-    FINGERPRINT_TAG,
-    PATH_TAG,
+    OpenSearch,
     TrialRecorder,
     TrialRuns,
-    TrialSummary,
-    new_parent,
-    read_trials,
+    open_search,
     reconcile,
-    resumable_search,
 )
 
 log = logging.getLogger(__name__)
 
 MODE = "max"
-_TERMINAL = {Trial.TERMINATED, Trial.ERROR}
 
 
 class SearchInterrupted(RuntimeError):
@@ -111,56 +107,6 @@ def best_file_text(
     ]
     body = yaml.safe_dump(changes, sort_keys=False, default_flow_style=None)
     return "\n".join(header) + "\n" + body
-
-
-@dataclass(frozen=True)
-class OpenSearch:
-    """The search `tune_model` runs: its parent run, Tune experiment and whether restored."""
-
-    name: str
-    parent_run_id: str
-    path: str
-    restored: bool
-
-
-def open_search(
-    client: MlflowClient,
-    experiment_id: str,
-    params: Params,
-    name: ModelName,
-    search_name: str,
-    data_digest: str,
-    concurrency: int,
-    storage: str,
-) -> OpenSearch:
-    """The unfinished search of the same name, space, params and data, else a new one."""
-    space = params.tune.model(name)
-    fingerprint_now = fingerprint(params, name, data_digest)
-    previous, restore_path, why = resumable_search(
-        client, experiment_id, search_name, fingerprint_now
-    )
-    if previous is not None:
-        log.info("%s: %s", why, "restoring it" if restore_path else "starting a new search")
-    if previous is not None and restore_path:
-        ended = sum(t.status in _TERMINAL for t in read_trials(restore_path))
-        log.info(
-            "restoring unfinished search %s from %s (MLflow run %s): %d of %d trials "
-            "ended, they are not rerun",
-            *(search_name, restore_path, previous.info.run_id, ended, space.num_samples),
-        )
-        client.update_run(previous.info.run_id, status="RUNNING")
-        return OpenSearch(search_name, previous.info.run_id, restore_path, restored=True)
-    tags = {FINGERPRINT_TAG: fingerprint_now, "data.digest": data_digest}
-    parent_id = new_parent(client, experiment_id, params, name, search_name, tags, concurrency)
-    path = f"{storage.rstrip('/')}/{search_name}-{parent_id}"
-    client.set_tag(parent_id, PATH_TAG, path)
-    log.info(
-        "search %s: %d trials of %s, up to %d epochs each, %d at a time, %d Ray "
-        "worker(s) x %d CPU(s) per trial (MLflow run %s, Tune experiment %s)",
-        *(search_name, space.num_samples, name, space.epochs, concurrency),
-        *(params.tune.scaling.num_workers, params.tune.scaling.cpus_per_worker, parent_id, path),
-    )
-    return OpenSearch(search_name, parent_id, path, restored=False)
 
 
 def make_tuner(
@@ -232,15 +178,18 @@ def tune_model(
     trial_base = parse_params(with_trial_scaling(params), "params with tune.scaling")
     train = train_subset(data.load("train"), params.tune.train_limit, params.seed)
     with ray_session(settings.ray_address):
-        try:
-            use_gpu = resolve_scaling(trial_base)
-        except ParamsError as error:
-            raise ParamsError(str(error).replace("train.scaling:", "tune.scaling:", 1)) from None
+        use_gpu = _trial_gpus(trial_base)
         storage = check_storage(params.train.storage_path)
         concurrency = max_concurrent_trials(params, use_gpu, space.num_samples)
         search = open_search(
-            *(client, experiment.experiment_id, params, name, search_name),
-            *(data.digest, concurrency, storage),
+            client,
+            experiment.experiment_id,
+            params,
+            name,
+            data.digest,
+            concurrency,
+            storage,
+            search_name,
         )
         setup = TrialSetup(
             params=params.model_dump(mode="json"),
@@ -249,17 +198,28 @@ def tune_model(
             data=WorkerData.of(data, train).share(),
             train_storage=f"{search.path}/train",
         )
-        # The trial function only drives its Train run (the workers have their own CPUs): no
-        # CPU of its own, on the head node, the safe place Ray's guide recommends for drivers.
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), head_node())
         recorder = TrialRecorder(
-            *(uri, experiment.experiment_id, search.parent_run_id, search_name, name),
-            *(space.epochs, params.model_dump(mode="json"), params.tune.train_limit),
+            uri,
+            experiment.experiment_id,
+            search.parent_run_id,
+            search_name,
+            name,
+            space.epochs,
+            params.model_dump(mode="json"),
+            params.tune.train_limit,
         )
-        tuner = make_tuner(trainable, params, name, search, TrialRuns(recorder), concurrency)
+        tuner = make_tuner(trainable(setup), params, name, search, TrialRuns(recorder), concurrency)
         _fit(tuner, client, search.parent_run_id)
     trials = reconcile(recorder, read_trials(search.path))
     return _conclude(client, recorder, params, name, search, trials, started)
+
+
+def _trial_gpus(trial_base: Params) -> bool:
+    """Whether trials use GPUs; a bad `tune.scaling` named as such."""
+    try:
+        return resolve_scaling(trial_base)
+    except ParamsError as error:
+        raise ParamsError(str(error).replace("train.scaling:", "tune.scaling:", 1)) from None
 
 
 def _fit(tuner: tune.Tuner, client: MlflowClient, parent_id: str) -> None:
@@ -280,7 +240,7 @@ def _ended(
 ) -> tuple[list[TrialSummary], list[TrialSummary]]:
     """(the trials that finished with results, those that failed); raises, ending the parent
     run, when the search was interrupted or no trial has a result."""
-    ended = [t for t in trials if t.status in _TERMINAL]
+    ended = [t for t in trials if t.status in TERMINAL]
     if len(ended) < num_samples:
         client.set_terminated(search.parent_run_id, status="KILLED")
         raise SearchInterrupted(
@@ -332,7 +292,7 @@ def _conclude(
         wall_s=time.monotonic() - started,
         apply_command=apply_command(changes),
     )
-    epochs_trained = sum(t.epochs for t in trials if t.status in _TERMINAL)
+    epochs_trained = sum(t.epochs for t in trials if t.status in TERMINAL)
     write_json(best_file.with_suffix(".json"), summary(outcome, name, epochs_trained))
     best_child = recorder.find(best.trial_id)
     _record_outcome(

@@ -1,6 +1,7 @@
 """One Tune trial: a Ray Train run of `pipeline.training.worker.worker_loop`, built by
 `pipeline.training.trainer.build_trainer` (the train stage's builder), reporting each epoch to
-Tune.
+Tune; the scheduler that stops weak trials between epochs, the resources trials get, and the
+trials as Tune saved them (`read_trials`).
 
 Epoch reporting is Ray's own `ray.tune.integration.ray_train.TuneReportCallback` (the queue
 from the Train controller to the Tune trial), extended by one key: the epochs done, counted
@@ -28,12 +29,15 @@ from ray.util.placement_group import PlacementGroup, placement_group_table, remo
 from pipeline.compat.ray import PlacementGroupStarted, head_node, replay_asha
 from pipeline.config.params import ModelName, Params, ParamsError, parse_params
 from pipeline.data.prepared import SplitArrays
+from pipeline.tracking.epochs import EPOCH_METRICS
+from pipeline.tracking.runs import failure_line
 from pipeline.training.trainer import build_trainer
 from pipeline.training.worker import MONITOR, WorkerData
 from pipeline.tune.space import trial_params
 
 log = logging.getLogger(__name__)
 
+TERMINAL = {Trial.TERMINATED, Trial.ERROR}  # the statuses of an ended trial
 EPOCHS_DONE = "epochs_done"  # ASHA's time attribute: epochs trained, counted from 1
 
 
@@ -114,6 +118,13 @@ def finished_train_run(path: str, epochs: int) -> dict[str, Any] | None:
     return metrics | {EPOCHS_DONE: epochs}
 
 
+def trainable(setup: TrialSetup) -> Any:
+    """`run_trial` as Tune runs it. It only drives its Train run (the workers have their own
+    CPUs): no CPU of its own, on the head node, the safe place Ray's guide recommends for
+    drivers."""
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), head_node())
+
+
 def trial_dirname(trial: Trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -189,3 +200,60 @@ def train_subset(train: SplitArrays, limit: int | None, seed: int) -> SplitArray
         )
     keep = np.sort(np.random.default_rng(seed).choice(len(train), size=limit, replace=False))
     return SplitArrays(train.images[keep], train.labels[keep])
+
+
+def epoch_rows(results: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """One row per epoch (the latest report of it), sorted, with the epoch metrics only."""
+    rows: dict[int, dict[str, float]] = {}
+    for result in results:
+        epoch = result.get("epoch")
+        if epoch is None or epoch != epoch:  # missing or NaN (a row without a report)
+            continue
+        row = {"epoch": float(epoch)}
+        row |= {k: float(result[k]) for k in EPOCH_METRICS if result.get(k) is not None}
+        rows[int(epoch)] = row
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
+def trial_error(trial: Trial) -> str:
+    """The line that names why `trial` failed (Tune keeps its error as a text trace)."""
+    return failure_line(str(trial.get_error() or ""))
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    trial_id: str
+    status: str  # Tune's: TERMINATED, ERROR, RUNNING, PENDING, ...
+    config: dict[str, Any]
+    rows: list[dict[str, float]]
+    error: str | None = None
+
+    @property
+    def best_accuracy(self) -> float:
+        return max((row.get(MONITOR, float("-inf")) for row in self.rows), default=float("-inf"))
+
+    @property
+    def epochs(self) -> int:
+        return len(self.rows)
+
+
+def read_trials(path: str) -> list[TrialSummary]:
+    """Every trial of the Tune experiment at `path`, as last saved."""
+    # Trials that never reported have no results file: expected, not worth Ray's warning.
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        analysis = tune.ExperimentAnalysis(path)
+    finally:
+        quiet.setLevel(level)
+    frames = analysis.trial_dataframes
+    summaries = []
+    for trial in analysis.trials:
+        frame = frames.get(trial.trial_id)
+        rows = epoch_rows([] if frame is None else frame.to_dict("records"))
+        error = trial_error(trial) if trial.status == Trial.ERROR else None
+        summaries.append(
+            TrialSummary(trial.trial_id, trial.status, dict(trial.config), rows, error)
+        )
+    return summaries

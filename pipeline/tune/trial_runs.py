@@ -1,6 +1,7 @@
-"""MLflow: one parent run per search, one child run per trial, and the Tune callback that writes
-the child runs live; `reconcile` makes them agree with Tune's saved state when the search ends,
-so a trial is recorded once even across interruptions.
+"""MLflow: one parent run per search (`open_search` finds the unfinished one to restore, or
+starts one), one child run per trial, and the Tune callback that writes the child runs live;
+`reconcile` makes them agree with Tune's saved state when the search ends, so a trial is
+recorded once even across interruptions.
 
 Hand-written rather than Ray's `ray.air.integrations.mlflow.MLflowLoggerCallback`, which in Ray
 2.60 (ray/air/integrations/mlflow.py:305-340) keeps its trial -> run map in memory only (a
@@ -30,15 +31,21 @@ from pipeline.tracking.epochs import EPOCH_METRICS, log_new_epochs, logged_histo
 from pipeline.tracking.lineage import git_commit
 from pipeline.tracking.runs import (
     FAILURE_TAG,
-    failure_line,
     flatten,
     latest_run,
     stage_params,
     unfinished_decision,
 )
 from pipeline.training.worker import MONITOR
-from pipeline.tune.space import describe_space, trial_params, tune_section
-from pipeline.tune.trial import EPOCHS_DONE
+from pipeline.tune.space import describe_space, fingerprint, trial_params, tune_section
+from pipeline.tune.trial import (
+    EPOCHS_DONE,
+    TERMINAL,
+    TrialSummary,
+    epoch_rows,
+    read_trials,
+    trial_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +57,6 @@ PATH_TAG = "tune.experiment_path"
 SPACE_TAG = "tune.search_space"
 STOPPED_TAG = "tune.stopped_early"
 PARENT_TAG = "mlflow.parentRunId"
-
-
-def epoch_rows(results: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """One row per epoch (the latest report of it), sorted, with the epoch metrics only."""
-    rows: dict[int, dict[str, float]] = {}
-    for result in results:
-        epoch = result.get("epoch")
-        if epoch is None or epoch != epoch:  # missing or NaN (a row without a report)
-            continue
-        row = {"epoch": float(epoch)}
-        row |= {k: float(result[k]) for k in EPOCH_METRICS if result.get(k) is not None}
-        rows[int(epoch)] = row
-    return [rows[epoch] for epoch in sorted(rows)]
 
 
 def summary_metrics(rows: list[dict[str, float]], now: int) -> list[Metric]:
@@ -168,11 +162,6 @@ class TrialRecorder:
         client.set_terminated(run_id, status=status)
 
 
-def trial_error(trial: Trial) -> str:
-    """The line that names why `trial` failed (Tune keeps its error as a text trace)."""
-    return failure_line(str(trial.get_error() or ""))
-
-
 class TrialRuns(tune.Callback):
     """Tune callback (driver side): the MLflow child run of each trial, live. A failing
     MLflow call is logged and left to the reconciliation at the end of the search."""
@@ -242,45 +231,6 @@ class TrialRuns(tune.Callback):
             f"failure of trial {trial.trial_id}",
             lambda: self.recorder.finish(trial.trial_id, trial.config, rows, "FAILED", error),
         )
-
-
-@dataclass(frozen=True)
-class TrialSummary:
-    trial_id: str
-    status: str  # Tune's: TERMINATED, ERROR, RUNNING, PENDING, ...
-    config: dict[str, Any]
-    rows: list[dict[str, float]]
-    error: str | None = None
-
-    @property
-    def best_accuracy(self) -> float:
-        return max((row.get(MONITOR, float("-inf")) for row in self.rows), default=float("-inf"))
-
-    @property
-    def epochs(self) -> int:
-        return len(self.rows)
-
-
-def read_trials(path: str) -> list[TrialSummary]:
-    """Every trial of the Tune experiment at `path`, as last saved."""
-    # Trials that never reported have no results file: expected, not worth Ray's warning.
-    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        analysis = tune.ExperimentAnalysis(path)
-    finally:
-        quiet.setLevel(level)
-    frames = analysis.trial_dataframes
-    summaries = []
-    for trial in analysis.trials:
-        frame = frames.get(trial.trial_id)
-        rows = epoch_rows([] if frame is None else frame.to_dict("records"))
-        error = trial_error(trial) if trial.status == Trial.ERROR else None
-        summaries.append(
-            TrialSummary(trial.trial_id, trial.status, dict(trial.config), rows, error)
-        )
-    return summaries
 
 
 def _run_status(trial: TrialSummary) -> str:
@@ -365,3 +315,53 @@ def new_parent(
     ) | {"ray.max_concurrent_trials": str(concurrency)}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in logged.items()])
     return str(run.info.run_id)
+
+
+@dataclass(frozen=True)
+class OpenSearch:
+    """The search `tune_model` runs: its parent run, Tune experiment and whether restored."""
+
+    name: str
+    parent_run_id: str
+    path: str
+    restored: bool
+
+
+def open_search(
+    client: MlflowClient,
+    experiment_id: str,
+    params: Params,
+    name: ModelName,
+    data_digest: str,
+    concurrency: int,
+    storage: str,
+    search_name: str,
+) -> OpenSearch:
+    """The unfinished search of the same name, space, params and data, else a new one."""
+    space = params.tune.model(name)
+    fingerprint_now = fingerprint(params, name, data_digest)
+    previous, restore_path, why = resumable_search(
+        client, experiment_id, search_name, fingerprint_now
+    )
+    if previous is not None:
+        log.info("%s: %s", why, "restoring it" if restore_path else "starting a new search")
+    if previous is not None and restore_path:
+        ended = sum(t.status in TERMINAL for t in read_trials(restore_path))
+        log.info(
+            "restoring unfinished search %s from %s (MLflow run %s): %d of %d trials "
+            "ended, they are not rerun",
+            *(search_name, restore_path, previous.info.run_id, ended, space.num_samples),
+        )
+        client.update_run(previous.info.run_id, status="RUNNING")
+        return OpenSearch(search_name, previous.info.run_id, restore_path, restored=True)
+    tags = {FINGERPRINT_TAG: fingerprint_now, "data.digest": data_digest}
+    parent_id = new_parent(client, experiment_id, params, name, search_name, tags, concurrency)
+    path = f"{storage.rstrip('/')}/{search_name}-{parent_id}"
+    client.set_tag(parent_id, PATH_TAG, path)
+    log.info(
+        "search %s: %d trials of %s, up to %d epochs each, %d at a time, %d Ray "
+        "worker(s) x %d CPU(s) per trial (MLflow run %s, Tune experiment %s)",
+        *(search_name, space.num_samples, name, space.epochs, concurrency),
+        *(params.tune.scaling.num_workers, params.tune.scaling.cpus_per_worker, parent_id, path),
+    )
+    return OpenSearch(search_name, parent_id, path, restored=False)
