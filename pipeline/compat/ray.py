@@ -9,14 +9,16 @@ the replica-side app builder `services/serving/ray_app.py` uses; a builder funct
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import PlacementGroup
+
+if TYPE_CHECKING:  # Tune only for its types: the train stage imports this module too
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler
 
 WRITTEN_FOR = ("2.60", "2.61")  # [min, max): the releases whose source these uses were read in
 
