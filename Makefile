@@ -9,7 +9,7 @@ MNIST_MIRROR ?= $(if $(wildcard ../shared/mnist),$(abspath ../shared/mnist))
 export MNIST_MIRROR
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint plots clean ui bench
+.PHONY: help install run test test-fast lint plots clean ui bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,8 +26,11 @@ run: install ## Run the whole pipeline (dvc repro) on the defaults, then summari
 	dvc repro
 	mnist-pipeline summary
 
-test: install ## Run the test suite
+test: install ## Run the whole test suite (unit, then integration)
 	pytest
+
+test-fast: install ## Only the unit tests: no training, servers or Ray (under 2 minutes)
+	pytest -m "not slow"
 
 lint: install ## ruff and mypy
 	ruff check . && ruff format --check . && mypy

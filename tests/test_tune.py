@@ -28,7 +28,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config.params import ParamsError, load_params, parse_params
 from pipeline.tracking.runs import FAILURE_TAG
-from pipeline.tune.search import (
+from pipeline.tune.space import leaves, set_param_args
+from pipeline.tune.trial_runs import (
     PARENT_TAG,
     ROLE_TAG,
     SEARCH_TAG,
@@ -36,9 +37,7 @@ from pipeline.tune.search import (
     TRIAL_TAG,
     TrialRecorder,
     TrialSummary,
-    merge,
     reconcile,
-    set_param_args,
 )
 from tests.conftest import OUTPUT_PATHS, REPO, raw_params, with_overrides
 
@@ -270,7 +269,7 @@ def test_the_best_configuration_is_written_as_a_params_file(resumed: ResumedSear
 
     # Merged into the repo's params.yaml it is a valid params file.
     merged_file = resumed.root / "merged.yaml"
-    merged_file.write_text(yaml.safe_dump(merge(raw_params(), overrides)))
+    merged_file.write_text(yaml.safe_dump(with_overrides(raw_params(), leaves(overrides))))
     tuned = load_params(merged_file).train.mlp
     best = max(resumed.children, key=lambda run: run.data.metrics["best/val_accuracy"])
     assert resumed.parent.data.tags["tune.best_run_id"] == best.info.run_id
@@ -292,7 +291,7 @@ def test_the_best_configuration_is_written_as_a_params_file(resumed: ResumedSear
         key, value = arg.split("=", 1)
         applied = with_overrides(applied, {key: yaml.safe_load(value)})
         assert f"-S {key}=" in command or f"-S '{key}=" in command
-    assert applied == merge(raw_params(), overrides)
+    assert applied == with_overrides(raw_params(), leaves(overrides))
 
 
 def test_tune_section_is_validated_naming_the_key() -> None:
@@ -360,8 +359,8 @@ def test_trial_runs_end_as_their_trials_did(mlflow_server: str) -> None:
         TrialSummary("cut", "RUNNING", config, [row]),
         TrialSummary("never", "PENDING", config, []),
     ]
-    reconcile(recorder, trials, EPOCHS)
-    reconcile(recorder, trials, EPOCHS)  # idempotent
+    reconcile(recorder, trials)
+    reconcile(recorder, trials)  # idempotent
 
     runs = {run.data.tags[TRIAL_TAG]: run for run in children(client, parent)}
     assert set(runs) == {"stopped", "full", "failed", "cut"}

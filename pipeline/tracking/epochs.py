@@ -20,6 +20,16 @@ def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
     return {metric.step for metric in client.get_metric_history(run_id, "val/accuracy")}
 
 
+def logged_history(client: MlflowClient, run_id: str) -> list[dict[str, float]]:
+    """The run's per-epoch metrics as rows (`epoch` = step), in epoch order (`logged_epochs`
+    is the cheap question, which epochs; this reads every metric's history)."""
+    by_epoch: dict[int, dict[str, float]] = {}
+    for key in EPOCH_METRICS:
+        for metric in client.get_metric_history(run_id, key):
+            by_epoch.setdefault(metric.step, {"epoch": float(metric.step)})[key] = metric.value
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
 def log_new_epochs(client: MlflowClient, run_id: str, rows: list[dict[str, float]]) -> None:
     """Log each row's metrics at step = its epoch, except epochs the run already has: a resumed
     or backfilled run never gets a second value for a step."""

@@ -7,7 +7,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,40 +119,72 @@ class OpenRun:
     resumed: bool
 
 
+def latest_run(client: MlflowClient, experiment_id: str, filter_string: str) -> Run | None:
+    """The latest run matching `filter_string`, if any (deleted runs are not seen)."""
+    runs = client.search_runs(
+        [experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0] if runs else None
+
+
 def previous_run(
     client: MlflowClient, experiment_id: str, name: ModelName, run_name: str
 ) -> Run | None:
-    """The latest run of model `name` under `run_name`, if any (deleted runs are not seen)."""
-    runs = client.search_runs(
-        [experiment_id],
-        # run_name is restricted to [A-Za-z0-9._-], so it needs no escaping here.
-        filter_string=f"params.`{RUN_NAME_PARAM}` = '{run_name}' and tags.model_type = '{name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
+    """The latest run of model `name` under `run_name`, if any."""
+    # run_name is restricted to [A-Za-z0-9._-], so it needs no escaping here.
+    where = f"params.`{RUN_NAME_PARAM}` = '{run_name}' and tags.model_type = '{name}'"
+    return latest_run(client, experiment_id, where)
+
+
+def unfinished_decision(
+    previous: Run | None, kind: str, name: str, mismatch: Callable[[Run], str | None]
+) -> tuple[str | None, str]:
+    """(the MLflow run id to resume or None, why): the resume policy of train and tune alike.
+
+    Only an unfinished run (of this `kind`, "run" or "search", named `name`) is resumed, and
+    only when `mismatch(previous)` finds nothing that differs (else it says what does).
+    """
+    if previous is None:
+        return None, f"no earlier {kind} of that name"
+    label = f"{kind} {name} (MLflow run {previous.info.run_id})"
+    if previous.info.status not in _UNFINISHED:
+        return None, f"{label} is {previous.info.status}: a finished {kind} is never resumed"
+    differs = mismatch(previous)
+    if differs:
+        return None, f"{label} is unfinished but {differs}"
+    return previous.info.run_id, f"{label} is {previous.info.status}"
 
 
 def resume_decision(
     previous: Run | None, run_params: dict[str, str], data_digest: str
 ) -> tuple[str | None, str]:
-    """(the run id to resume or None, why): only an unfinished run of the same params, Ray
-    scaling, storage and data is resumed; anything else starts a new run."""
-    if previous is None:
-        return None, "no earlier run of that name"
-    label = f"run {run_params[RUN_NAME_PARAM]} (MLflow run {previous.info.run_id})"
-    if previous.info.status not in _UNFINISHED:
-        return None, f"{label} is {previous.info.status}: a finished run is never resumed"
-    before = previous.data.params
-    changed = sorted(
-        k for k in run_params.keys() | before.keys() if before.get(k) != run_params.get(k)
-    )
-    if changed:
-        shown = ", ".join(f"{k}: {before.get(k)} -> {run_params.get(k)}" for k in changed[:5])
-        return None, f"{label} is unfinished but had other parameters ({shown})"
-    if previous.data.tags.get("data.digest") != data_digest:
-        return None, f"{label} is unfinished but trained on other data"
-    return previous.info.run_id, f"{label} is {previous.info.status}"
+    """`unfinished_decision` for a training run: same params, Ray scaling, storage and data."""
+
+    def mismatch(run: Run) -> str | None:
+        before = run.data.params
+        changed = sorted(
+            k for k in run_params.keys() | before.keys() if before.get(k) != run_params.get(k)
+        )
+        if changed:
+            shown = ", ".join(f"{k}: {before.get(k)} -> {run_params.get(k)}" for k in changed[:5])
+            return f"had other parameters ({shown})"
+        if run.data.tags.get("data.digest") != data_digest:
+            return "trained on other data"
+        return None
+
+    return unfinished_decision(previous, "run", run_params[RUN_NAME_PARAM], mismatch)
+
+
+def failure_line(error: BaseException | str, limit: int = 300) -> str:
+    """One line for the failure tag. An exception: its type and the first line of its message.
+    A text trace (Tune keeps a trial's error as one): its last line, the exception that ended
+    it (Ray puts the cause last)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, str):
+        text = lines[-1] if lines else "unknown error"
+    else:
+        text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextmanager

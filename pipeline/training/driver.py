@@ -29,6 +29,7 @@ from ray.train.lightning import (
     RayTrainReportCallback,
 )
 
+from pipeline.compat.ray import health_check_cause
 from pipeline.config.env import Settings
 from pipeline.config.params import ModelName, Params
 from pipeline.data.atomic import write_text
@@ -37,7 +38,13 @@ from pipeline.models.artifact import ModelSpec, save_model, state_dict_from_ligh
 from pipeline.tracking.epochs import log_new_epochs, logged_epochs
 from pipeline.tracking.figures import log_training_curves
 from pipeline.tracking.model_log import log_model
-from pipeline.tracking.runs import FAILURE_TAG, ensure_reachable, tracking_uri, training_run
+from pipeline.tracking.runs import (
+    FAILURE_TAG,
+    ensure_reachable,
+    failure_line,
+    tracking_uri,
+    training_run,
+)
 from pipeline.training.ray_env import check_storage, ray_session, resolve_scaling
 from pipeline.training.recorder import RunRecorder
 from pipeline.training.trainer import build_trainer
@@ -53,6 +60,7 @@ log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ("epoch", "train/loss", "val/loss", "val/accuracy")
 # Also a folder name under train.storage_path and an MLflow search value: no quoting needed.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+CAUSE_LIMIT = 160  # per worker: the message names every failed worker
 
 
 class TrainingError(RuntimeError):
@@ -116,31 +124,20 @@ def resume_epoch(run_path: str) -> int:
         return verified_checkpoint(Path(folder))[1] + 1
 
 
-def _cause(error: BaseException) -> str:
-    """One line: the exception's type and the first line of its message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _unwrapped(error: Exception) -> Exception:
-    """A dead worker found by Ray's health check comes wrapped; its ActorDiedError is inside."""
-    inner = getattr(error, "health_check_failure", None)
-    return inner if isinstance(inner, Exception) else error
-
-
 def describe_failure(
     error: TrainingFailedError, name: ModelName, epoch: int, epochs: int, max_failures: int
 ) -> str:
     """Which worker, which epoch, why: dead workers first, as the others fail because of them."""
     if isinstance(error, WorkerGroupError) and error.worker_failures:
         failures = sorted(
-            ((rank, _unwrapped(cause)) for rank, cause in error.worker_failures.items()),
+            ((rank, health_check_cause(cause)) for rank, cause in error.worker_failures.items()),
             key=lambda item: (not isinstance(item[1], RayActorError), item[0]),
         )
-        causes = "; ".join(f"worker rank {rank}: {_cause(cause)}" for rank, cause in failures)
+        causes = "; ".join(
+            f"worker rank {rank}: {failure_line(cause, CAUSE_LIMIT)}" for rank, cause in failures
+        )
     else:
-        causes = _cause(error)
+        causes = failure_line(error, CAUSE_LIMIT)
     return (
         f"training {name} failed in epoch {epoch} (of 0-{epochs - 1}), beyond "
         f"train.max_failures={max_failures}: {causes}"

@@ -1,0 +1,138 @@
+"""The search space of `params.yaml` (`tune.<model>`) in Tune's terms, and what one trial's
+sampled values make of params: its overrides, its params, the search's fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from typing import Any
+
+from ray import tune
+
+from pipeline.config.params import ModelName, Params, SearchSpace, parse_params, with_overrides
+
+
+def tune_space(space: SearchSpace) -> dict[str, Any]:
+    """Ray Tune's search space for `space`. Widths are JSON strings: Optuna's categorical
+    choices must be scalars."""
+    return {
+        "lr": tune.loguniform(space.lr.low, space.lr.high),
+        "dropout": tune.uniform(space.dropout.low, space.dropout.high),
+        "batch_size": tune.choice(list(space.batch_size)),
+        space.WIDTH_KEY: tune.choice([json.dumps(width) for width in space.width()]),
+    }
+
+
+def describe_space(space: SearchSpace) -> dict[str, Any]:
+    """The space as the parent run's tag shows it (widths as lists)."""
+    return {
+        "lr": {"loguniform": [space.lr.low, space.lr.high]},
+        "dropout": {"uniform": [space.dropout.low, space.dropout.high]},
+        "batch_size": {"choice": space.batch_size},
+        space.WIDTH_KEY: {"choice": space.width()},
+        "epochs": {"max": space.epochs},
+    }
+
+
+def start_points(space: SearchSpace) -> list[dict[str, Any]]:
+    """`start_from` in the form of `tune_space`."""
+    return [
+        point | {space.WIDTH_KEY: json.dumps(point[space.WIDTH_KEY])}
+        for point in space.start_points()
+    ]
+
+
+def overrides(space: SearchSpace, name: ModelName, config: dict[str, Any]) -> dict[str, Any]:
+    """The params.yaml keys a trial's `config` sets (in params.yaml's structure)."""
+    return {
+        "train": {
+            name: {
+                "epochs": space.epochs,
+                "batch_size": int(config["batch_size"]),
+                "lr": float(config["lr"]),
+                "net": {
+                    space.WIDTH_KEY: json.loads(config[space.WIDTH_KEY]),
+                    "dropout": float(config["dropout"]),
+                },
+            }
+        }
+    }
+
+
+def leaves(changes: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: nested changes as `with_overrides` keys (lists stay
+    whole, as values)."""
+    flat: dict[str, Any] = {}
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            flat |= leaves(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def set_param_args(changes: dict[str, Any]) -> list[str]:
+    """`dvc exp run -S` arguments that set `changes` (leaves only; lists without spaces)."""
+    return [
+        f"{key}={json.dumps(value, separators=(',', ':'))}"
+        if isinstance(value, list)
+        # repr: a float keeps every digit and stays a float (`1e-05`, `0.0031`)
+        else f"{key}={value!r}"
+        for key, value in leaves(changes).items()
+    ]
+
+
+def apply_command(changes: dict[str, Any]) -> str:
+    """The shell command that retrains with `changes`, then evaluates and registers."""
+    return "dvc exp run " + " ".join(f"-S {shlex.quote(arg)}" for arg in set_param_args(changes))
+
+
+def with_trial_scaling(params: Params) -> dict[str, Any]:
+    """params as a mapping, with `train.scaling` set to the workers of one trial."""
+    scaling = params.tune.scaling
+    return with_overrides(
+        params.model_dump(mode="json"),
+        {
+            "train.scaling": {
+                "num_workers": scaling.num_workers,
+                "cpus_per_worker": scaling.cpus_per_worker,
+                "use_gpu": params.train.scaling.use_gpu,
+            }
+        },
+    )
+
+
+def trial_params(params: Params, name: ModelName, config: dict[str, Any]) -> Params:
+    """What one trial trains with: params, its sampled values, the trial's workers."""
+    changes = leaves(overrides(params.tune.model(name), name, config))
+    raw = with_overrides(with_trial_scaling(params), changes)
+    return parse_params(raw, f"params of a {name} trial {config}")
+
+
+def fingerprint(params: Params, name: ModelName, data_digest: str) -> str:
+    """What a search depends on: a search is only resumed under the same fingerprint."""
+    dumped = params.model_dump(mode="json")
+    fixed = {k: v for k, v in dumped["train"][name].items() if k not in ("lr", "batch_size")}
+    fixed["net"] = {
+        k: v for k, v in fixed["net"].items() if k not in ("dropout", "hidden_sizes", "channels")
+    }
+    fixed.pop("epochs")
+    key = {
+        "model": name,
+        "seed": dumped["seed"],
+        "train": {
+            "use_gpu": dumped["train"]["scaling"]["use_gpu"],
+            "max_failures": dumped["train"]["max_failures"],
+            name: fixed,
+        },
+        "tune": tune_section(params, name),
+        "data": data_digest,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tune_section(params: Params, name: ModelName) -> dict[str, Any]:
+    """params' `tune` section with the space of `name` only."""
+    dumped = params.model_dump(mode="json")["tune"]
+    return {k: v for k, v in dumped.items() if k not in ("mlp", "cnn")} | {name: dumped[name]}
