@@ -84,11 +84,14 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
     except Image.DecompressionBombError as error:
-        raise ImageError(f"too many pixels: {error}", "too_large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        message = f"{error} (the limit here is {max_pixels:,} pixels)"
+        raise ImageError(message, "too_large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         named = sniff_format(data)
         if named in ACCEPTED_FORMATS:
-            raise ImageError(f"a damaged {named} image: {error}", "unreadable") from None
+            raise ImageError(
+                f"a damaged {named} image: its header is unreadable", "unreadable"
+            ) from None
         if named:
             message = f"{named} images are not accepted (accepted: {_accepted()})"
         else:
