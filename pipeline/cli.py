@@ -15,6 +15,7 @@ import typer
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import DEFAULT_PARAMS_FILE, MODEL_NAMES, ModelName, Params, load_params
+from pipeline.preprocess import MAX_PIXELS
 from pipeline.settings import Settings
 
 app = typer.Typer(
@@ -264,16 +265,19 @@ def pull(
 @app.command()
 @_fail_cleanly
 def predict(
-    images: Annotated[
-        list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).", exists=True)
-    ],
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.", exists=True)],
     model: Annotated[Path, typer.Option("--model", help="A folder made by `pull`.")],
+    max_pixels: Annotated[int, typer.Option(help="Pixel budget per image.", min=1)] = MAX_PIXELS,
 ) -> None:
-    """Predict the digit in each image with a pulled model (one JSON line per image)."""
+    """Predict the digit in each image with a pulled model (one JSON line per image). A refused
+    image (not PNG/JPEG, too large, damaged, blank) gets {"file", "error", "kind"}: exit 1."""
     from pipeline.pull import predict_files
 
-    for result in predict_files(model, images):
+    results = predict_files(model, images, max_pixels)
+    for result in results:
         typer.echo(json.dumps(result))
+    if any("error" in result for result in results):
+        raise typer.Exit(1)
 
 
 @app.command()
