@@ -69,13 +69,13 @@ def wait_for_http(
 @contextmanager
 def running(
     command: list[str], url: str, log: Path, env: dict[str, str] | None = None
-) -> Iterator[None]:
-    """Run a server process for the block; stop it afterwards."""
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server process for the block (given to it, e.g. for its pid); stop it afterwards."""
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
             wait_for_http(url, process, log)
-            yield
+            yield process
         finally:
             process.terminate()
             try:
@@ -271,3 +271,38 @@ def registry(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Regis
     version = register_model(uri, name, net, example, accuracy)
     promote(MlflowClient(uri), name, version, pause_s=0.0)
     return Registry(uri, name, params, net)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A running service: its URL, the registry it serves from, its pid (for /proc)."""
+
+    url: str
+    registry: Registry
+    pid: int
+
+
+@pytest.fixture(scope="module")
+def service(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """`mnist-pipeline serve` as a real process on loopback, serving the registry's champion."""
+    root = tmp_path_factory.mktemp("service")
+    port = free_port()
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": registry.uri,
+        "SERVING_CACHE_DIR": str(root / "cache"),
+        "SERVING_POLL_INTERVAL_S": "0.5",
+        "SERVING_MAX_BODY_BYTES": str(2 * 1024 * 1024),
+        "SERVING_MAX_IMAGES": "600",
+    }
+    command = [sys.executable, "-m", "pipeline", "serve", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with running(command, f"{url}/health/ready", root / "service.log", env=env) as process:
+        yield Service(url, registry, process.pid)
+
+
+def served_split(service: Service) -> tuple[Any, Any]:
+    """The service's registry's test split: uint8 images, labels."""
+    from pipeline.data.prepared import open_prepared
+
+    test = open_prepared(Path(service.registry.params.paths.prepared)).load("test")
+    return test.images, test.labels

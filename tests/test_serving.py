@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,44 +18,15 @@ from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.data.prepared import open_prepared
 from pipeline.registry.pull import pull
 from pipeline.registry.versions import promote
 from services.serving.app import create_app
 from services.serving.settings import ServingSettings
-from tests.conftest import Registry, free_port, register_model, running
+from tests.conftest import Service, register_model, served_split
 
 pytestmark = pytest.mark.slow
 
 CHUNK = 100  # float images: about 16 KB of JSON each
-
-
-@dataclass(frozen=True)
-class Service:
-    url: str
-    registry: Registry
-
-
-@pytest.fixture(scope="module")
-def service(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    root = tmp_path_factory.mktemp("service")
-    port = free_port()
-    env = os.environ | {
-        "MLFLOW_TRACKING_URI": registry.uri,
-        "SERVING_CACHE_DIR": str(root / "cache"),
-        "SERVING_POLL_INTERVAL_S": "0.5",
-        "SERVING_MAX_BODY_BYTES": str(2 * 1024 * 1024),
-        "SERVING_MAX_IMAGES": "600",
-    }
-    command = [sys.executable, "-m", "pipeline", "serve", "--port", str(port)]
-    url = f"http://127.0.0.1:{port}"
-    with running(command, f"{url}/health/ready", root / "service.log", env=env):
-        yield Service(url, registry)
-
-
-def _test_set(service: Service) -> tuple[np.ndarray, np.ndarray]:
-    test = open_prepared(Path(service.registry.params.paths.prepared)).load("test")
-    return test.images, test.labels
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -69,7 +36,7 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def test_predictions_match_the_pulled_model(service: Service, tmp_path: Path) -> None:
-    images, _ = _test_set(service)
+    images, _ = served_split(service)
     images = images[:1000]
     client = MlflowClient(service.registry.uri)
     pull(client, service.registry.name, tmp_path / "pulled")
@@ -89,7 +56,7 @@ def test_predictions_match_the_pulled_model(service: Service, tmp_path: Path) ->
 
 
 def test_accuracy_through_every_endpoint(service: Service) -> None:
-    images, labels = _test_set(service)
+    images, labels = served_split(service)
     with httpx.Client(base_url=service.url, timeout=60) as http:
         v1_digits = []
         for start in range(0, len(images), 5 * CHUNK):

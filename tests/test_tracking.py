@@ -17,8 +17,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from typer.testing import CliRunner
 
-from pipeline import evaluate
+from pipeline import cli, evaluate
 from pipeline.config.env import Settings
 from pipeline.config.params import MODEL_NAMES, Params
 from pipeline.data.digits import to_mnist
@@ -306,6 +307,41 @@ def test_predict_cli_reads_any_size_image(trained: Trained, tmp_path: Path) -> N
     results = predict_files(tmp_path / "model", files)
     correct = sum(r["digit"] == int(label) for r, label in zip(results, test.labels, strict=False))
     assert correct >= 15, results
+
+
+def test_predict_reports_a_refused_image_and_predicts_the_others(
+    trained: Trained, tmp_path: Path
+) -> None:
+    client = _client(trained)
+    pull(client, trained.params.mlflow.registered_model, tmp_path / "model")
+    test = open_prepared(Path(trained.params.paths.prepared)).load("test")
+    files = {
+        "digit": tmp_path / "digit.png",
+        "blank": tmp_path / "blank.png",
+        "gif": tmp_path / "digit.gif",
+        "jpeg": tmp_path / "digit.jpg",
+    }
+    Image.fromarray(255 - test.images[0]).resize((84, 84)).save(files["digit"])
+    Image.new("L", (200, 150), 255).save(files["blank"])
+    Image.fromarray(test.images[1]).save(files["gif"])
+    Image.fromarray(test.images[2]).resize((140, 140)).save(files["jpeg"], quality=90)
+    results = predict_files(tmp_path / "model", list(files.values()))
+    assert [r["file"] for r in results] == [str(path) for path in files.values()]
+    assert set(results[0]) == {"file", "digit", "probabilities"}
+    assert set(results[3]) == {"file", "digit", "probabilities"}
+    assert results[1]["kind"] == "no_digit"
+    assert results[2]["kind"] == "unsupported_format"
+    assert "GIF" in results[2]["error"]
+    outcome = CliRunner().invoke(
+        cli.app, ["predict", "--model", str(tmp_path / "model"), *map(str, files.values())]
+    )
+    assert outcome.exit_code == 1, outcome.output
+    lines = [json.loads(line) for line in outcome.stdout.splitlines() if line.startswith("{")]
+    assert [line.get("kind") for line in lines] == [None, "no_digit", "unsupported_format", None]
+    assert lines[0]["digit"] == results[0]["digit"]
+    good = [str(files["digit"]), str(files["jpeg"])]
+    outcome = CliRunner().invoke(cli.app, ["predict", "--model", str(tmp_path / "model"), *good])
+    assert outcome.exit_code == 0, outcome.output
 
 
 def test_mnist_images_survive_preprocessing() -> None:

@@ -88,16 +88,22 @@ def pull(
 
 @fail_cleanly
 def predict(
-    images: Annotated[
-        list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).", exists=True)
-    ],
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.", exists=True)],
     model: Annotated[Path, typer.Option("--model", help="A folder made by `pull`.")],
+    max_pixels: Annotated[
+        int | None, typer.Option(help="Pixel budget per image (default 4096 x 4096).", min=1)
+    ] = None,
 ) -> None:
-    """Predict the digit in each image with a pulled model (one JSON line per image)."""
+    """Predict the digit in each image with a pulled model (one JSON line per image). A refused
+    image (not PNG/JPEG, too large, damaged, blank) gets {"file", "error", "kind"}: exit 1."""
+    from pipeline.data.digits import MAX_PIXELS
     from pipeline.registry.pull import predict_files
 
-    for result in predict_files(model, images):
+    results = predict_files(model, images, max_pixels or MAX_PIXELS)
+    for result in results:
         typer.echo(json.dumps(result))
+    if any("error" in result for result in results):
+        raise typer.Exit(1)
 
 
 @fail_cleanly

@@ -2,11 +2,17 @@
 
 MNIST digits are white on black, size-normalised to fit a 20x20 box (aspect kept), then
 placed in 28x28 so that their centre of mass sits at the centre.
+
+Bytes are decoded defensively, since they come from strangers: only the PNG and JPEG
+decoders ever parse them, the pixel count is checked from the header before anything is
+decoded, and the image is brought down to a working size before any conversion, so the
+decoder's own buffer is the only full-size copy in colour.
 """
 
 from __future__ import annotations
 
 import io
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -14,20 +20,140 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 SIZE = 28
 BOX = 20
 INK_THRESHOLD = 0.2  # fraction of the darkest-to-brightest range that counts as ink
+# Every MNIST test digit, even shrunk to 14x14, has a pixel far further than this from its
+# background; a blank or uniform image has none (figures: bench/README.md).
+NO_INK_CONTRAST = 0.2
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+MAX_PIXELS = 4096 * 4096
+# A digit filling a small part of a big photo still has tens of pixels at this side.
+WORK_SIDE = 512
+
+ImageErrorKind = Literal["unsupported_format", "too_large", "unreadable", "no_digit"]
+
+# Signatures of formats we refuse, to name them in the refusal without parsing them.
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"),
+    (0, b"BM", "BMP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (0, b"II+\x00", "TIFF"),
+    (0, b"MM\x00+", "TIFF"),
+    (8, b"WEBP", "WebP"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"\x00\x00\x02\x00", "CUR"),
+    (0, b"8BPS", "PSD"),
+    (4, b"ftypavif", "AVIF"),
+    (4, b"ftyp", "HEIF"),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (0, b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (0, b"qoif", "QOI"),
+    (0, b"%PDF", "PDF"),
+    (0, b"<svg", "SVG"),
+    (0, b"<?xml", "XML"),
+)
 
 
 class ImageError(ValueError):
-    """Bytes that are not an image we can read."""
+    """Bytes we do not turn into a digit; `kind` says why (the services map it to a status)."""
+
+    def __init__(self, message: str, kind: ImageErrorKind) -> None:
+        super().__init__(message)
+        self.kind: ImageErrorKind = kind
 
 
-def decode(data: bytes) -> Image.Image:
-    """PNG/JPEG/... bytes to a PIL image, with a clear error for anything else."""
+def sniff_format(data: bytes) -> str | None:
+    """The image format the leading bytes announce, if it is one we know by name."""
+    head = data[:64].lstrip()
+    for offset, signature, name in _SIGNATURES:
+        if head[offset : offset + len(signature)] == signature:
+            return name
+    return None
+
+
+def _accepted() -> str:
+    return ", ".join(ACCEPTED_FORMATS)
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image's header read (nothing decoded yet): an accepted format, within the budget."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise ImageError(f"not a readable image: {error}") from None
+        image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+    except Image.DecompressionBombError as error:
+        message = f"{error} (the limit here is {max_pixels:,} pixels)"
+        raise ImageError(message, "too_large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        named = sniff_format(data)
+        if named in ACCEPTED_FORMATS:
+            raise ImageError(
+                f"a damaged {named} image: its header is unreadable", "unreadable"
+            ) from None
+        if named:
+            message = f"{named} images are not accepted (accepted: {_accepted()})"
+        else:
+            message = f"not an image ({' or '.join(ACCEPTED_FORMATS)} expected)"
+        raise ImageError(message, "unsupported_format") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{width} x {height} pixels ({width * height:,}) exceed the limit of "
+            f"{max_pixels:,} pixels",
+            "too_large",
+        )
     return image
+
+
+def _load(image: Image.Image) -> Image.Image:
+    """Decode the first frame, a JPEG already in gray and shrunk by libjpeg where it can."""
+    width, height = image.size
+    shrink = max(1.0, max(width, height) / (2 * WORK_SIDE))
+    # A no-op but for JPEG, where libjpeg then decodes gray and up to 8 times smaller.
+    image.draft("L", (max(1, int(width / shrink)), max(1, int(height / shrink))))
+    try:
+        image.load()
+    except (OSError, SyntaxError, EOFError, ValueError) as error:
+        message = f"a damaged or truncated {image.format} image: {error}"
+        raise ImageError(message, "unreadable") from None
+    return image
+
+
+def _on_paper(image: Image.Image) -> Image.Image:
+    """8-bit gray, transparency as white paper, long side within 2 * WORK_SIDE.
+
+    Shrinks before converting wherever Pillow can, so the only full-size copy beside the
+    decoder's is in a 1- or 2-byte gray mode.
+    """
+    factor = max(image.size) // WORK_SIDE if max(image.size) > 2 * WORK_SIDE else 1
+    if image.mode.startswith("I;16"):  # convert("L") would clip 16-bit values, not scale them
+        info = {key: value for key, value in image.info.items() if key != "transparency"}
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        image.info = info
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = image.convert("LA")
+        if factor > 1:
+            image = image.reduce(factor)  # premultiplied, so hidden colours do not bleed in
+        gray, alpha = np.moveaxis(np.asarray(image, dtype=np.uint32), -1, 0)
+        on_white = (gray * alpha + 255 * (255 - alpha) + 127) // 255
+        info = image.info  # EXIF orientation is still to be applied
+        image = Image.fromarray(on_white.astype(np.uint8))
+        image.info = info
+    else:
+        if image.mode not in ("L", "RGB", "CMYK"):
+            image = image.convert("L")  # 1-bit and palette images: reduce needs gray
+        if factor > 1:
+            image = image.reduce(factor)
+        if image.mode != "L":
+            image = image.convert("L")
+    return ImageOps.exif_transpose(image) or image
+
+
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """PNG/JPEG bytes -> a gray (mode L) image on white paper, upright, at a working size."""
+    return _on_paper(_load(open_image(data, max_pixels)))
 
 
 def _grayscale(image: Image.Image) -> np.ndarray:
@@ -40,15 +166,22 @@ def _grayscale(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def to_mnist(image: Image.Image) -> np.ndarray:
-    """float32 (28, 28) in [0, 1], white digit on black, centred by mass."""
-    gray = _grayscale(image)
+def gray_to_mnist(gray: np.ndarray) -> np.ndarray:
+    """Gray float32 in [0, 1], any polarity -> float32 (28, 28), white digit on black,
+    centred by mass; ImageError("no_digit") when nothing stands out from the background."""
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if np.median(border) > 0.5:  # dark ink on light paper: invert to MNIST's polarity
+    background = float(np.median(border))
+    if background > 0.5:  # dark ink on light paper: invert to MNIST's polarity
         gray = 1.0 - gray
+        background = 1.0 - background
+    contrast = float(np.abs(gray - background).max())
+    if contrast <= NO_INK_CONTRAST:
+        raise ImageError(
+            f"no digit: no pixel differs from the background by more than {NO_INK_CONTRAST:.0%} "
+            f"(the most is {contrast:.1%})",
+            "no_digit",
+        )
     low, high = float(gray.min()), float(gray.max())
-    if high - low < 1e-3:
-        return np.zeros((SIZE, SIZE), dtype=np.float32)  # a blank image: no digit
     gray = (gray - low) / (high - low)
     rows, cols = np.nonzero(gray > INK_THRESHOLD)
     digit = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
@@ -72,5 +205,12 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     return np.clip(canvas, 0.0, 1.0)
 
 
-def image_bytes_to_mnist(data: bytes) -> np.ndarray:
-    return to_mnist(decode(data))
+def to_mnist(image: Image.Image) -> np.ndarray:
+    """A PIL image already in memory -> float32 (28, 28) in [0, 1] (see `gray_to_mnist`)."""
+    return gray_to_mnist(_grayscale(image))
+
+
+def image_bytes_to_mnist(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Uploaded bytes -> float32 (28, 28); ImageError with a `kind` for anything refused."""
+    gray = np.asarray(decode(data, max_pixels), dtype=np.float32) / 255.0
+    return gray_to_mnist(gray)

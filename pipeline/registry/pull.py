@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config.env import Settings
 from pipeline.data.atomic import atomic_path
-from pipeline.data.digits import image_bytes_to_mnist
+from pipeline.data.digits import MAX_PIXELS, ImageError, image_bytes_to_mnist
 from pipeline.registry.versions import RegistryError
 from pipeline.tracking.manifest import INPUT_CONTRACT, MANIFEST_TAG, files_sha256
 from pipeline.tracking.runs import tracking_uri
@@ -85,17 +85,25 @@ def pull(
     return metadata
 
 
-def predict_files(model_dir: Path, images: list[Path]) -> list[dict[str, Any]]:
-    """Digit and probabilities for each image file, through a pulled model."""
+def predict_files(
+    model_dir: Path, images: list[Path], max_pixels: int = MAX_PIXELS
+) -> list[dict[str, Any]]:
+    """Digit and probabilities for each image file, through a pulled model; a file that is
+    refused gets {"file", "error", "kind"} instead, and the others are still predicted."""
     if not (model_dir / "MLmodel").is_file():
         raise FileNotFoundError(f"{model_dir} holds no MLflow model: run `mnist-pipeline pull`")
-    batch = np.stack([image_bytes_to_mnist(path.read_bytes()) for path in images])
-    probabilities = np.asarray(mlflow.pyfunc.load_model(str(model_dir)).predict(batch))
-    return [
-        {
-            "file": str(path),
-            "digit": int(row.argmax()),
-            "probabilities": [round(float(p), 6) for p in row],
-        }
-        for path, row in zip(images, probabilities, strict=True)
-    ]
+    results: list[dict[str, Any]] = []
+    accepted: dict[int, np.ndarray] = {}
+    for index, path in enumerate(images):
+        try:
+            accepted[index] = image_bytes_to_mnist(path.read_bytes(), max_pixels)
+            results.append({"file": str(path)})
+        except ImageError as error:
+            results.append({"file": str(path), "error": str(error), "kind": error.kind})
+    if accepted:
+        batch = np.stack(list(accepted.values()))
+        probabilities = np.asarray(mlflow.pyfunc.load_model(str(model_dir)).predict(batch))
+        for index, row in zip(accepted, probabilities, strict=True):
+            results[index]["digit"] = int(row.argmax())
+            results[index]["probabilities"] = [round(float(p), 6) for p in row]
+    return results

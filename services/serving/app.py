@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.serving.batching import MicroBatcher
+from services.serving.decoding import DecodeBusy, DecodeGate
 from services.serving.holder import Loader, ModelHolder
 from services.serving.inputs import InputError
 from services.serving.metrics import ServingMetrics
@@ -112,9 +113,16 @@ def _install_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
 
     @app.exception_handler(InputError)
     async def bad_input(request: Request, error: InputError) -> JSONResponse:
-        metrics.errors.labels("invalid_input").inc()
+        metrics.errors.labels(error.kind).inc()
         problem = FieldProblem(field=error.field, problem=error.problem)
-        return error_response(error.status, "invalid_input", str(error), [problem])
+        return error_response(error.status, error.kind, str(error), [problem])
+
+    @app.exception_handler(DecodeBusy)
+    async def busy(request: Request, error: DecodeBusy) -> JSONResponse:
+        metrics.errors.labels("busy").inc()
+        response = error_response(503, "busy", str(error))
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
@@ -165,7 +173,8 @@ def create_app(settings: ServingSettings | None = None, loader: Loader = load) -
         version="1",
         lifespan=lifespan,
     )
-    app.state.serving = ServingState(settings, metrics, holder, batcher)
+    decodes = DecodeGate(settings.max_image_decodes, settings.max_image_queue)
+    app.state.serving = ServingState(settings, metrics, holder, batcher, decodes)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     _install_handlers(app, metrics)
     app.include_router(router)

@@ -10,13 +10,16 @@ from services.serving.schemas import SIDE, PredictRequest, V2Tensor
 
 
 class InputError(ValueError):
-    """A client error in the payload, naming the field."""
+    """A client error in the payload, naming the field; `kind` is the JSON error's kind."""
 
-    def __init__(self, field: str, problem: str, status: int = 422) -> None:
+    def __init__(
+        self, field: str, problem: str, status: int = 422, kind: str = "invalid_input"
+    ) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
         self.status = status
+        self.kind = kind
 
 
 def _check_count(count: int, limit: int, field: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +28,13 @@ from services.serving.state import ServingState
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 router = APIRouter()
+# ImageError kinds -> statuses; each kind is also the JSON error's kind.
+IMAGE_ERROR_STATUS = {
+    "too_large": 413,
+    "unsupported_format": 415,
+    "unreadable": 400,
+    "no_digit": 422,
+}
 
 
 async def serving(request: Request) -> ServingState:
@@ -87,18 +93,29 @@ async def predict(body: PredictRequest, state: State) -> PredictResponse:
     return _v1_response(*await _predict(state, images))
 
 
-@router.post("/v1/predict/image", tags=["v1"])
+@router.post(
+    "/v1/predict/image",
+    tags=["v1"],
+    responses={
+        400: {"description": "A damaged or truncated image (kind `unreadable`)"},
+        413: {"description": "More pixels than SERVING_MAX_IMAGE_PIXELS (kind `too_large`)"},
+        415: {"description": "Not a PNG or JPEG, judged by content (`unsupported_format`)"},
+        422: {"description": "A blank image: nothing stands out from the paper (`no_digit`)"},
+        503: {"description": "Too many uploads being decoded (kind `busy`, Retry-After)"},
+    },
+)
 async def predict_image(
-    state: State, file: Annotated[UploadFile, File(description="PNG, JPEG, ...: any size")]
+    state: State,
+    file: Annotated[UploadFile, File(description="A PNG or JPEG picture of a digit, any size")],
 ) -> PredictResponse:
     """One uploaded picture of a digit, made MNIST-style before prediction."""
     data = await file.read()
     if not data:
         raise InputError("file", "empty upload")
     try:
-        image = await asyncio.to_thread(image_bytes_to_mnist, data)
+        image = await state.decodes.run(image_bytes_to_mnist, data, state.settings.max_image_pixels)
     except ImageError as error:
-        raise InputError("file", str(error), 415) from None
+        raise InputError("file", str(error), IMAGE_ERROR_STATUS[error.kind], error.kind) from None
     return _v1_response(*await _predict(state, image[None]))
 
 

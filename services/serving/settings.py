@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt
+from pydantic import AliasChoices, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.data.digits import MAX_PIXELS
 
 
 class ServingSettings(BaseSettings):
@@ -22,6 +24,9 @@ class ServingSettings(BaseSettings):
     retry_failed_after_s: PositiveFloat = 300.0
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     max_images: PositiveInt = 256
+    max_image_pixels: PositiveInt = MAX_PIXELS  # width x height of an upload, from its header
+    max_image_decodes: PositiveInt = 2  # uploads decoded at once
+    max_image_queue: NonNegativeInt = 16  # uploads waiting for a decode; past that, 503
     batch_max_images: PositiveInt = 128
     batch_max_wait_ms: PositiveFloat = (
         0.5  # bench/results/serving.md: 2 ms cost a third of throughput

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.serving.batching import MicroBatcher
+from services.serving.decoding import DecodeGate
 from services.serving.holder import ModelHolder
 from services.serving.metrics import ServingMetrics
 from services.serving.settings import ServingSettings
@@ -16,3 +17,4 @@ class ServingState:
     metrics: ServingMetrics
     holder: ModelHolder
     batcher: MicroBatcher
+    decodes: DecodeGate
