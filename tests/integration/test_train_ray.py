@@ -10,12 +10,12 @@ import pytest
 from ray.train import Result
 from ray.train.lightning import RayTrainReportCallback
 
-from pipeline.config.params import Params, ParamsError
+from pipeline.config.params import Params
 from pipeline.data.prepared import open_prepared
 from pipeline.evaluate import predict_proba
 from pipeline.models.artifact import load_model, state_dict_from_lightning
 from pipeline.training.driver import train_model
-from tests.conftest import local_store, small_params
+from tests.conftest import local_store
 
 
 @pytest.mark.slow
@@ -60,20 +60,3 @@ def test_two_workers_shard_checkpoint_and_export(
     assert [float(r["val/accuracy"]) for r in rows] == pytest.approx(
         [row["val/accuracy"] for row in outcome.history], abs=1e-6
     )
-
-
-def test_more_cpus_than_the_cluster_has_fails_before_training(
-    data_root: Path, tmp_path: Path, local_ray: None
-) -> None:
-    params = small_params(
-        data_root,
-        **{
-            "train.scaling.num_workers": 4,
-            "paths.models": str(tmp_path / "models"),
-            "train.storage_path": str(tmp_path / "ray"),
-        },
-    )
-    with pytest.raises(ParamsError, match=r"train.scaling: 4 workers x 1 CPUs = 4 CPUs.*has 2"):
-        train_model(params, "mlp", local_store(tmp_path))
-    assert not (tmp_path / "models").exists()
-    assert not (tmp_path / "ray").exists()

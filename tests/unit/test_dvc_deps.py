@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
+ROOT = REPO
 PACKAGES = ("pipeline", "services")
 CLI = "pipeline.cli"
 STAGE_FILES = ("dvc.yaml", "tune/dvc.yaml")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
+ROOT = REPO
 # Top to bottom; a module may import its own layer or any layer below it.
 LAYERS = (
     ("pipeline.__main__", "pipeline.cli", "services"),
