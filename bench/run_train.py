@@ -57,8 +57,8 @@ EXPORT = "export"
 
 @dataclass
 class Timeline:
-    """Spans (label, kind, start, end) in `time.time()` seconds: the workers' epoch stamps
-    are wall-clock too, so driver and worker times line up (same machine)."""
+    """Spans (label, kind, start, end) in `time.time()` seconds: MLflow's metric timestamps
+    are wall-clock too, so driver calls and epoch commits line up (same machine)."""
 
     spans: list[tuple[str, str, float, float]] = field(default_factory=list)
     monitor_cpu_s: float = 0.0
@@ -145,31 +145,24 @@ def instrument() -> Timeline:
     return timeline
 
 
-def epoch_times(timings: list[dict[str, float]]) -> dict[str, Any]:
-    """Per-epoch seconds on rank 0 (from `TrainOutcome.timings`): from one epoch's start to
-    the next one's (training, validation, the metrics' all-gather, the checkpoint and the
-    report to Ray). The last epoch, which has no next, gets its own training + validation
-    plus the median of the others' time between epochs (checkpoint and report)."""
-    if not timings:
+def epoch_times(commits: list[float], fit_start: float) -> dict[str, Any]:
+    """Per-epoch seconds measured from outside the workers: Ray's controller logs each epoch's
+    metrics to MLflow once its checkpoint is committed, so the time from one commit to the next
+    is one epoch with everything between epochs (checkpoint, report). The first epoch has no
+    previous commit: it counts as one median epoch, the rest of its span is worker start."""
+    if not commits:
         return {}
-    starts = [t["started"] for t in timings]
-    inside = [t["train_val_s"] for t in timings]
-    intervals = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    gaps = [i - e for i, e in zip(intervals, inside, strict=False)]
-    gap = statistics.median(gaps) if gaps else 0.0
-    per_epoch = [*intervals, inside[-1] + gap]
+    intervals = [b - a for a, b in zip(commits, commits[1:], strict=False)]
+    first = statistics.median(intervals) if intervals else commits[0] - fit_start
     return {
-        "per_epoch_s": per_epoch,
-        "train_val_s": inside,
-        "between_epochs_s": gaps,
-        "first_start": starts[0],
-        "last_end": starts[-1] + per_epoch[-1],
+        "per_epoch_s": [first, *intervals],
+        "first_start": commits[0] - first,
+        "last_end": commits[-1],
     }
 
 
 def commit_times(uri: str, run_id: str) -> list[float]:
-    """When Ray's controller logged each epoch (it does so once the epoch's checkpoint is
-    committed): a cross-check of the workers' own stamps."""
+    """When Ray's controller logged each epoch (MLflow's metric timestamps, in seconds)."""
     history = MlflowClient(uri).get_metric_history(run_id, "val/accuracy")
     return [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
 
@@ -202,13 +195,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     outcome = train.train_model(params, args.model, settings, run_name=args.run_name)
     returned = time.time()
     wall = returned - called
-    epochs = epoch_times(outcome.timings)
     fit = timeline.span("TorchTrainer.fit")
     ray_init = timeline.span("ray.init")
     shutdown = timeline.span("ray.shutdown")
     if not (fit and ray_init and shutdown):
         raise RuntimeError(f"train_model ran without its usual phases: {timeline.spans}")
     run_id = outcome.spec.run_id or ""
+    commits = commit_times(args.tracking_uri, run_id)
+    epochs = epoch_times(commits, fit[0])
     recorder = recorder_cost(args.tracking_uri, params.mlflow.experiment, outcome.history)
     driver_mlflow = timeline.total(MLFLOW)
     mlflow_s = driver_mlflow + sum(recorder) + timeline.monitor_cpu_s
@@ -250,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "phases_s": phases,
         "fixed_overhead_s": wall - (epochs["last_end"] - epochs["first_start"]) if epochs else None,
         "epochs": epochs,
-        "commit_times": commit_times(args.tracking_uri, run_id),
+        "commit_times": commits,
         "mlflow": {
             "driver_calls_s": driver_mlflow,
             "driver_calls": _by_label(timeline, MLFLOW),

@@ -598,10 +598,6 @@ def bench_model(
                         "process_wall_s": result["process_wall_s"],
                         "imports_s": result["imports_s"],
                         "phases_s": {k: round(v, 3) for k, v in result["phases_s"].items()},
-                        "train_val_s": [round(s, 3) for s in epochs.get("train_val_s", [])],
-                        "between_epochs_s": [
-                            round(s, 3) for s in epochs.get("between_epochs_s", [])
-                        ],
                         "commit_intervals_s": [
                             round(b - a, 3)
                             for a, b in zip(
@@ -797,10 +793,6 @@ def markdown(report: dict[str, Any]) -> str:
                 (
                     "MLflow: system-metrics thread CPU",
                     lambda r: r["details"]["mlflow"]["system_metrics_thread_cpu_s"],
-                ),
-                (
-                    "per epoch: between epochs (checkpoint, report)",
-                    lambda r: steady(r["details"]["between_epochs_s"]),
                 ),
             ]
             for label, get in extra:

@@ -10,7 +10,7 @@ import csv
 import io
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,6 @@ class TrainOutcome:
     history: list[dict[str, float]]
     runtime: dict[str, Any]
     run_path: str
-    # Rank 0's epochs: wall-clock start and training + validation seconds (EpochHistory).
-    timings: list[dict[str, float]] = field(default_factory=list)
 
 
 def history_csv(history: list[dict[str, float]]) -> str:
@@ -231,6 +229,4 @@ def train_model(
             mlflow.set_tag("model_uri", model_uri)
             model_file = save_model(Path(paths.models) / name, net, spec)
             write_text(Path(paths.plots) / name / "history.csv", history_csv(history))
-    return TrainOutcome(
-        model_file, spec, history, returned["runtime"], result.path, returned["timings"]
-    )
+    return TrainOutcome(model_file, spec, history, returned["runtime"], result.path)

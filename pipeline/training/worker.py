@@ -47,8 +47,7 @@ class CheckpointError(RuntimeError):
 
 
 class EpochHistory(pl.Callback):
-    """Per-epoch metrics, per-rank sample counts, timings and the runtime; history survives
-    resumes.
+    """Per-epoch metrics, per-rank sample counts and the runtime; history survives resumes.
 
     Must precede `RayTrainReportCallback`: the counts it logs are part of each report.
     """
@@ -57,12 +56,8 @@ class EpochHistory(pl.Callback):
         self.total_epochs = total_epochs
         self.rows: list[dict[str, float]] = []
         self.runtime: dict[str, Any] = {}
-        # Per epoch: its wall-clock start and its training + validation seconds. The time from
-        # one start to the next adds what happens between epochs (checkpoint, report to Ray).
-        self.timings: list[dict[str, float]] = []
         self._samples = 0
         self._started = 0.0
-        self._wall_started = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         distributed = torch.distributed.is_initialized()
@@ -77,7 +72,6 @@ class EpochHistory(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._samples = 0
         self._started = time.perf_counter()
-        self._wall_started = time.time()
 
     def on_train_batch_end(
         self,
@@ -101,9 +95,6 @@ class EpochHistory(pl.Callback):
         row = {"epoch": float(trainer.current_epoch)} | metrics
         self.rows.append(row)
         elapsed = time.perf_counter() - self._started
-        self.timings.append(
-            {"epoch": row["epoch"], "started": self._wall_started, "train_val_s": elapsed}
-        )
         if trainer.is_global_zero:
             log.info(
                 "epoch %d/%d  train/loss %.4f  val/loss %.4f  val/accuracy %.4f  (%.1f s)",
@@ -116,11 +107,10 @@ class EpochHistory(pl.Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "timings": self.timings}
+        return {"rows": self.rows}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])
-        self.timings = list(state_dict.get("timings", []))
 
 
 class RngState(pl.Callback):
@@ -326,4 +316,4 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             if ray.train.get_context().get_world_rank() == 0:
                 log.info("resuming at epoch %d from %s", epoch + 1, resume.path)
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt))
-    return {"history": history.rows, "runtime": history.runtime, "timings": history.timings}
+    return {"history": history.rows, "runtime": history.runtime}
