@@ -33,7 +33,7 @@ from pipeline.compat.ray import health_check_cause
 from pipeline.config.env import Settings
 from pipeline.config.params import ModelName, Params
 from pipeline.data.atomic import write_text
-from pipeline.data.prepared import open_prepared
+from pipeline.data.prepared import PreparedData, open_prepared
 from pipeline.models.artifact import ModelSpec, save_model, state_dict_from_lightning
 from pipeline.tracking.epochs import log_new_epochs, logged_epochs
 from pipeline.tracking.figures import log_training_curves
@@ -150,6 +150,50 @@ def _best_network(result: Result) -> tuple[dict[str, torch.Tensor], int]:
         return state_dict_from_lightning(Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME)
 
 
+def _ray_params(settings: Settings, params: Params, use_gpu: bool, storage: str) -> dict[str, str]:
+    """What the MLflow run records of Ray (and a resumed run must match)."""
+    scaling = params.train.scaling
+    return {
+        "ray.num_workers": str(scaling.num_workers),
+        "ray.cpus_per_worker": str(scaling.cpus_per_worker),
+        "ray.gpus_per_worker": "1" if use_gpu else "0",
+        "ray.cluster": "external" if settings.ray_address else "local",
+        "ray.storage_path": storage,
+    }
+
+
+def _export(
+    params: Params, name: ModelName, data: PreparedData, result: Result, run_id: str
+) -> TrainOutcome:
+    """The best checkpoint as the network, logged into the run and written to `models/`."""
+    returned: dict[str, Any] = result.return_value  # type: ignore[attr-defined]
+    log.info("workers ran with %s", returned["runtime"])
+    mlflow.set_tags({f"runtime.{k}": str(v) for k, v in returned["runtime"].items()})
+    history: list[dict[str, float]] = returned["history"]
+    # Epochs committed just before an earlier driver died may not have been logged.
+    log_new_epochs(MlflowClient(mlflow.get_tracking_uri()), run_id, history)
+    state, epoch = _best_network(result)
+    best_row = next(row for row in history if int(row["epoch"]) == epoch)
+    spec = ModelSpec.describe(
+        name,
+        params.train.model(name).net,
+        data.normalization,
+        data.digest,
+        epoch=epoch,
+        val_accuracy=best_row[MONITOR],
+        run_id=run_id,
+    )
+    net = spec.build().eval()
+    net.load_state_dict(state)
+    mlflow.log_metrics({"best/val_accuracy": spec.val_accuracy, "best/epoch": epoch})
+    example = data.load("val").images[:2].astype(np.float32) / 255.0
+    log_training_curves(history, name)
+    mlflow.set_tag("model_uri", log_model(net, example, spec.model_dump(mode="json")))
+    model_file = save_model(Path(params.paths.models) / name, net, spec)
+    write_text(Path(params.paths.plots) / name / "history.csv", history_csv(history))
+    return TrainOutcome(model_file, spec, history, returned["runtime"], result.path)
+
+
 def train_model(
     params: Params, name: ModelName, settings: Settings, run_name: str | None = None
 ) -> TrainOutcome:
@@ -162,11 +206,10 @@ def train_model(
     run_name = run_name or name
     if not RUN_NAME.fullmatch(run_name):
         raise ValueError(f"run name {run_name!r}: use letters, digits, '.', '_' and '-' only")
-    paths = params.paths
-    data = open_prepared(Path(paths.prepared))
+    prepared = Path(params.paths.prepared)
+    data = open_prepared(prepared)
     uri = tracking_uri(settings)
     ensure_reachable(uri)
-    epochs = params.train.model(name).epochs
     with ray_session(settings.ray_address):
         use_gpu = resolve_scaling(params)
         scaling = params.train.scaling
@@ -178,14 +221,7 @@ def train_model(
             scaling.cpus_per_worker,
             " + 1 GPU" if use_gpu else "",
         )
-        run_params = {
-            "ray.num_workers": str(scaling.num_workers),
-            "ray.cpus_per_worker": str(scaling.cpus_per_worker),
-            "ray.gpus_per_worker": "1" if use_gpu else "0",
-            "ray.cluster": "external" if settings.ray_address else "local",
-            "ray.storage_path": storage,
-        }
-        prepared = Path(paths.prepared)
+        run_params = _ray_params(settings, params, use_gpu, storage)
         with training_run(params, name, uri, prepared, data.digest, run_name, run_params) as run:
             # One Ray run folder per MLflow run: a new MLflow run never picks up old checkpoints.
             ray_name = f"{run_name}-{run.run_id}"
@@ -194,39 +230,13 @@ def train_model(
                 log.info(
                     "resuming run %s (MLflow run %s) from epoch %d", run_name, run.run_id, start
                 )
-            client = MlflowClient(uri)
             recorder = RunRecorder(uri, run.run_id, params.train.max_failures)
             try:
                 result = _fit(params, name, use_gpu, ray_name, storage, recorder)
             except TrainingFailedError as error:
-                epoch = max(logged_epochs(client, run.run_id), default=-1) + 1
-                message = describe_failure(error, name, epoch, epochs, params.train.max_failures)
+                epoch = max(logged_epochs(MlflowClient(uri), run.run_id), default=-1) + 1
+                epochs, budget = params.train.model(name).epochs, params.train.max_failures
+                message = describe_failure(error, name, epoch, epochs, budget)
                 mlflow.set_tag(FAILURE_TAG, message)
                 raise TrainingError(message) from None
-            returned: dict[str, Any] = result.return_value  # type: ignore[attr-defined]
-            log.info("workers ran with %s", returned["runtime"])
-            mlflow.set_tags({f"runtime.{k}": str(v) for k, v in returned["runtime"].items()})
-            history: list[dict[str, float]] = returned["history"]
-            # Epochs committed just before an earlier driver died may not have been logged.
-            log_new_epochs(client, run.run_id, history)
-            state, epoch = _best_network(result)
-            best_row = next(row for row in history if int(row["epoch"]) == epoch)
-            spec = ModelSpec.describe(
-                name,
-                params.train.model(name).net,
-                data.normalization,
-                data.digest,
-                epoch=epoch,
-                val_accuracy=best_row[MONITOR],
-                run_id=run.run_id,
-            )
-            net = spec.build().eval()
-            net.load_state_dict(state)
-            mlflow.log_metrics({"best/val_accuracy": spec.val_accuracy, "best/epoch": epoch})
-            example = data.load("val").images[:2].astype(np.float32) / 255.0
-            log_training_curves(history, name)
-            model_uri = log_model(net, example, spec.model_dump(mode="json"))
-            mlflow.set_tag("model_uri", model_uri)
-            model_file = save_model(Path(paths.models) / name, net, spec)
-            write_text(Path(paths.plots) / name / "history.csv", history_csv(history))
-    return TrainOutcome(model_file, spec, history, returned["runtime"], result.path)
+            return _export(params, name, data, result, run.run_id)

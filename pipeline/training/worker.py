@@ -252,6 +252,30 @@ class WorkerStrategy(RayDDPStrategy):
             super().configure_ddp()
 
 
+def _trainer(epochs: int, use_gpu: bool, history: EpochHistory) -> pl.Trainer:
+    """Lightning on Ray Train: its environment, the report callback, no logger or sampler."""
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="gpu" if use_gpu else "cpu",
+        devices="auto",
+        precision="bf16-mixed" if use_gpu else "32-true",
+        strategy=WorkerStrategy(),
+        plugins=[RayLightningEnvironment()],
+        # Asynchronous: the checkpoint is copied to storage while the next epoch trains.
+        callbacks=[
+            history,
+            RngState(),
+            RayTrainReportCallback(checkpoint_upload_mode=CheckpointUploadMode.ASYNC),
+        ],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the loaders are sharded already
+    )
+
+
 def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Runs on each Ray worker: validate params again, train this worker's shard (DDP when
     there are several).
@@ -286,26 +310,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     )
 
     history = EpochHistory(model_config.epochs)
-    trainer = pl.Trainer(
-        max_epochs=model_config.epochs,
-        accelerator="gpu" if use_gpu else "cpu",
-        devices="auto",
-        precision="bf16-mixed" if use_gpu else "32-true",
-        strategy=WorkerStrategy(),
-        plugins=[RayLightningEnvironment()],
-        # Asynchronous: the checkpoint is copied to storage while the next epoch trains.
-        callbacks=[
-            history,
-            RngState(),
-            RayTrainReportCallback(checkpoint_upload_mode=CheckpointUploadMode.ASYNC),
-        ],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # the loaders are sharded already
-    )
+    trainer = _trainer(model_config.epochs, use_gpu, history)
     trainer = prepare_trainer(trainer)
     resume = ray.train.get_checkpoint()
     if resume is None:
