@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
 import yaml  # noqa: E402
 
-from pipeline.config.params import ModelName  # noqa: E402
+from pipeline.config.base import ModelName
 from pipeline.training.ray_env import TRAINING_ENV  # noqa: E402
 
 REPO = common.REPO

@@ -17,8 +17,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from pipeline.config.base import ModelName
 from pipeline.config.env import Settings
-from pipeline.config.params import ModelName, Params
+from pipeline.config.params import Params
 from pipeline.data.atomic import write_json, write_text
 from pipeline.data.prepared import CLASSES, SplitArrays, open_prepared
 from pipeline.models.artifact import load_model

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 from ray.exceptions import RayError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipeline.config.params import ModelName
+from pipeline.config.base import ModelName
 from pipeline.tracking.lineage import git_commit
 from pipeline.training.ray_env import TRAINING_ENV
 

@@ -11,8 +11,9 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 from mlflow.exceptions import MlflowException
 
+from pipeline.config.base import ModelName
 from pipeline.config.env import Settings
-from pipeline.config.params import ModelName, Params, load_params
+from pipeline.config.params import Params, load_params
 
 log = logging.getLogger("pipeline")
 

@@ -12,8 +12,9 @@ from typing import Annotated
 import typer
 
 from pipeline.cli.common import ModelOption, ParamsOption, fail_cleanly, load, log
+from pipeline.config.base import MODEL_NAMES, ModelName
 from pipeline.config.env import Settings
-from pipeline.config.params import DEFAULT_PARAMS_FILE, MODEL_NAMES, ModelName
+from pipeline.config.params import DEFAULT_PARAMS_FILE
 
 
 @fail_cleanly

@@ -20,11 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.config.base import MODEL_NAMES as MODEL_NAMES  # re-exported for the stages
-from pipeline.config.base import ModelName as ModelName  # re-exported for the stages
-from pipeline.config.base import StrictModel
+from pipeline.config.base import ModelName, StrictModel
 from pipeline.config.nets import CNNNetConfig, MLPNetConfig, NetConfig
-from pipeline.config.search import SearchSpace as SearchSpace  # re-exported for pipeline/tune
 from pipeline.config.search import TuneConfig
 
 MNIST_TRAIN_SIZE = 60_000

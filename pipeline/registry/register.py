@@ -11,8 +11,9 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from pipeline.config.base import MODEL_NAMES, ModelName
 from pipeline.config.env import Settings
-from pipeline.config.params import MODEL_NAMES, ModelName, Params
+from pipeline.config.params import Params
 from pipeline.data.atomic import write_json
 from pipeline.data.prepared import open_prepared
 from pipeline.models.artifact import load_model

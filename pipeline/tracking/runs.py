@@ -19,8 +19,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.config.base import ModelName
 from pipeline.config.env import Settings
-from pipeline.config.params import ModelName, Params
+from pipeline.config.params import Params
 from pipeline.data.prepared import open_prepared
 from pipeline.tracking.epochs import RESTARTS_TAG
 from pipeline.tracking.lineage import dvc_hash, git_commit

@@ -30,8 +30,9 @@ from ray.train.lightning import (
 )
 
 from pipeline.compat.ray import health_check_cause
+from pipeline.config.base import ModelName
 from pipeline.config.env import Settings
-from pipeline.config.params import ModelName, Params
+from pipeline.config.params import Params
 from pipeline.data.atomic import write_text
 from pipeline.data.prepared import PreparedData, open_prepared
 from pipeline.models.artifact import ModelSpec, save_model, state_dict_from_lightning

@@ -8,7 +8,8 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline.config.params import ModelName, Params
+from pipeline.config.base import ModelName
+from pipeline.config.params import Params
 from pipeline.training.worker import WorkerData, worker_loop
 
 

@@ -30,7 +30,8 @@ from ray.train.lightning import (
 )
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.config.params import ModelName, parse_params
+from pipeline.config.base import ModelName
+from pipeline.config.params import parse_params
 from pipeline.data.prepared import Normalization, PreparedData, SplitArrays
 from pipeline.models.artifact import state_dict_from_lightning
 from pipeline.models.module import Classifier

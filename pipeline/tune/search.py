@@ -24,8 +24,9 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.search.optuna import OptunaSearch
 
+from pipeline.config.base import ModelName
 from pipeline.config.env import Settings
-from pipeline.config.params import ModelName, Params, ParamsError, parse_params
+from pipeline.config.params import Params, ParamsError, parse_params
 from pipeline.data.atomic import write_json, write_text
 from pipeline.data.prepared import open_prepared
 from pipeline.tracking.runs import (

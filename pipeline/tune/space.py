@@ -10,7 +10,9 @@ from typing import Any
 
 from ray import tune
 
-from pipeline.config.params import ModelName, Params, SearchSpace, parse_params, with_overrides
+from pipeline.config.base import ModelName
+from pipeline.config.params import Params, parse_params, with_overrides
+from pipeline.config.search import SearchSpace
 
 
 def tune_space(space: SearchSpace) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from pipeline.compat.ray import PlacementGroupStarted, head_node, replay_asha
-from pipeline.config.params import ModelName, Params, ParamsError, parse_params
+from pipeline.config.base import ModelName
+from pipeline.config.params import Params, ParamsError, parse_params
 from pipeline.data.prepared import SplitArrays
 from pipeline.tracking.epochs import EPOCH_METRICS
 from pipeline.tracking.runs import failure_line

@@ -26,7 +26,8 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
-from pipeline.config.params import ModelName, Params, parse_params
+from pipeline.config.base import ModelName
+from pipeline.config.params import Params, parse_params
 from pipeline.tracking.epochs import EPOCH_METRICS, log_new_epochs, logged_history
 from pipeline.tracking.lineage import git_commit
 from pipeline.tracking.runs import (

@@ -20,8 +20,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline import cli, evaluate
+from pipeline.config.base import MODEL_NAMES
 from pipeline.config.env import Settings
-from pipeline.config.params import MODEL_NAMES, Params
+from pipeline.config.params import Params
 from pipeline.data.digits import to_mnist
 from pipeline.data.prepared import open_prepared
 from pipeline.models.artifact import load_model

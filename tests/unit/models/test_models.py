@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.config.params import ModelName, Params
+from pipeline.config.base import ModelName
+from pipeline.config.params import Params
 from pipeline.data.prepared import open_prepared
 from pipeline.evaluate import evaluate
 from pipeline.models.artifact import ModelSpec, load_model, save_model
