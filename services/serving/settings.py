@@ -24,7 +24,7 @@ class ServingSettings(BaseSettings):
     max_images: PositiveInt = 256
     batch_max_images: PositiveInt = 128
     batch_max_wait_ms: PositiveFloat = (
-        0.5  # bench/results/serving.md: 2 ms cost a third of throughput
+        0.5  # longer waits cost throughput: bench/README.md (serving, the batcher's wait)
     )
     inference_threads: PositiveInt = 1
     parity_tolerance: PositiveFloat = 1e-4
