@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 # The repo first: `python bench/x.py` from anywhere imports the project, and the project's
@@ -241,35 +240,31 @@ def gemm_flops(threads: int | None = None, size: int = 2048, seconds: float = 2.
 
 
 def mirror_folder() -> str:
-    return os.environ.get("MNIST_MIRROR") or str(REPO.parent / "shared" / "mnist")
+    from testkit.data import mirror_folder as folder
+
+    return str(folder())
 
 
 def repo_params_raw() -> dict[str, Any]:
-    raw: dict[str, Any] = yaml.safe_load((REPO / "params.yaml").read_text())
-    return raw
+    from testkit.data import raw_params
+
+    return raw_params()
 
 
 def scratch_params(root: Path, overrides: dict[str, Any], prepared: Path | None = None) -> Any:
     """The repo's params with every output path under `root` (and the prepared data at
     `prepared` when given), then `overrides`; validated like every command does."""
-    from pipeline.config.params import parse_params, with_overrides
+    from testkit.data import params_under
 
-    paths: dict[str, Any] = {
-        f"paths.{k}": str(root / k)
-        for k in ("raw", "prepared", "models", "metrics", "plots", "reports")
-    }
-    if prepared is not None:
-        paths["paths.prepared"] = str(prepared)
-    paths["train.storage_path"] = str(root / "ray")
-    return parse_params(with_overrides(repo_params_raw(), paths | overrides), "benchmark params")
+    where = {} if prepared is None else {"paths.prepared": str(prepared)}
+    return params_under(root, where | overrides, "benchmark params")
 
 
 def prepared_data(root: Path, train_limit: int | None, test_limit: int | None = None) -> Path:
     """A prepared data folder: the repo's `data/prepared` when it is there and the full data
     is asked for (read only), else the pipeline's own fetch and prepare stages into `root`."""
-    from pipeline.config.env import Settings
-    from pipeline.data import fetch, prepare
     from pipeline.data.prepared import open_prepared
+    from testkit.data import fetch_and_prepare
 
     repo_prepared = REPO / "data" / "prepared"
     if train_limit is None and test_limit is None and (repo_prepared / "manifest.json").is_file():
@@ -285,8 +280,7 @@ def prepared_data(root: Path, train_limit: int | None, test_limit: int | None = 
         overrides["prepare.val_size"] = max(200, train_limit // 10)
     params = scratch_params(root, overrides)
     if not (Path(params.paths.prepared) / "manifest.json").is_file():
-        fetch.run(params, Settings(mnist_mirror=mirror_folder()))
-        prepare.run(params)
+        fetch_and_prepare(params)
     return Path(params.paths.prepared)
 
 

@@ -28,7 +28,7 @@ sys.path.append(str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import serving  # noqa: E402
 
-from tests.bombs import BOMBS, encode  # noqa: E402
+from testkit.bombs import BOMBS, encode  # noqa: E402
 
 
 def rss_kib(pid: int, field: str) -> int:

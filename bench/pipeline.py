@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import common  # noqa: E402
 import yaml  # noqa: E402
 
 from pipeline.config.params import with_overrides  # noqa: E402
+from testkit.processes import copy_repo  # noqa: E402
 
 REPO = common.REPO
 BIN = Path(sys.executable).parent
@@ -58,23 +58,6 @@ SMALL_PROFILE = {
 
 
 # --------------------------------------------------------------------------- DVC
-
-
-def copy_repo(target: Path) -> None:
-    """The tracked files and the untracked ones git does not ignore, as a new git repo."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split("\0")
-    for name in filter(None, listed):
-        source = REPO / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    subprocess.run(["git", "init", "-q"], cwd=target, check=True)
 
 
 def dvc_env(mlflow_uri: str | None) -> dict[str, str]:

@@ -14,19 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import copy
 import gc
 import json
 import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,13 +34,14 @@ import aiohttp
 import httpx
 import numpy as np
 import psutil
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/serving.py` from anywhere: the project imports
 sys.path.append(str(Path(__file__).resolve().parent))  # `common`; the repo goes first
 
 import common  # noqa: E402
+
+from testkit.processes import free_port, wait_for_http  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -60,105 +58,33 @@ JSON = {"content-type": "application/json"}
 # --------------------------------------------------------------------------- model and data
 
 
-def _params(root: Path, train_limit: int, test_limit: int, epochs: int) -> Any:
-    from pipeline.config.params import parse_params
-
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw = copy.deepcopy(raw)
-    for key in ("raw", "prepared", "models", "metrics", "plots", "reports"):
-        raw["paths"][key] = str(root / key)
-    raw["train"]["storage_path"] = str(root / "ray")
-    raw["prepare"].update(train_limit=train_limit, val_size=1000, test_limit=test_limit)
-    raw["train"]["cnn"].update(epochs=epochs, augment=False)
-    raw["train"]["cnn"]["net"]["channels"] = [16, 32, 64]
-    return parse_params(raw, "benchmark params")
-
-
-def mirror_folder() -> str:
-    folder = os.environ.get("MNIST_MIRROR") or str(REPO.parent / "shared" / "mnist")
-    return folder
-
-
 def prepare_data(root: Path, train_limit: int, test_limit: int, epochs: int) -> Any:
-    """MNIST through the real fetch and prepare stages, into `root`."""
-    from pipeline.config.env import Settings
-    from pipeline.data import fetch, prepare
+    """MNIST through the real fetch and prepare stages into `root`; a small CNN's params."""
+    from testkit.data import fetch_and_prepare, params_under
 
-    params = _params(root, train_limit, test_limit, epochs)
-    fetch.run(params, Settings(mnist_mirror=mirror_folder()))
-    prepare.run(params)
+    overrides = {
+        "prepare.train_limit": train_limit,
+        "prepare.val_size": 1000,
+        "prepare.test_limit": test_limit,
+        "train.cnn.epochs": epochs,
+        "train.cnn.augment": False,
+        "train.cnn.net.channels": [16, 32, 64],
+    }
+    params = params_under(root, overrides, "benchmark params")
+    fetch_and_prepare(params)
     return params
 
 
 def train_and_register(params: Any, root: Path) -> tuple[str, str]:
-    """A small CNN, trained in-process, logged as the pipeline does, registered as champion.
+    """The small CNN trained in-process and registered as champion (the tests' fixture).
     Returns (tracking URI, model URI)."""
-    import lightning.pytorch as pl
-    import mlflow
-    import torch
-    from mlflow.tracking import MlflowClient
-    from torch.utils.data import DataLoader, TensorDataset
+    from testkit.registry import champion
 
-    from pipeline.data.prepared import open_prepared
-    from pipeline.evaluate import evaluate
-    from pipeline.models.module import Classifier
-    from pipeline.models.networks import build_network
-    from pipeline.registry.versions import Candidate, ensure_version, promote
-    from pipeline.tracking.manifest import MANIFEST_TAG
-    from pipeline.tracking.model_log import log_model
-
-    data = open_prepared(Path(params.paths.prepared))
-    pl.seed_everything(params.seed, verbose=False)
-    net = build_network(
-        "cnn", params.train.cnn.net.model_dump(), data.normalization.mean, data.normalization.std
-    )
-    train = data.load("train")
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(train.images), torch.from_numpy(train.labels).long()),
-        batch_size=params.train.cnn.batch_size,
-        shuffle=True,
-    )
-    pl.Trainer(
-        max_epochs=params.train.cnn.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(Classifier(net, params.train.cnn), loader)
-    net.eval()
-    accuracy = evaluate(net, data.load("test")).accuracy
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    name = params.mlflow.registered_model
-    example = data.load("val").images[:2].astype(np.float32) / 255.0
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    # Artifacts beside the store (the default, ./mlruns, would be the working directory's).
-    client.create_experiment("bench-serving", artifact_location=(root / "artifacts").as_uri())
-    mlflow.set_experiment("bench-serving")
-    with mlflow.start_run() as run:
-        model_uri = log_model(net, example, metadata={})
-    tags = client.get_run(run.info.run_id).data.tags
-    candidate = Candidate(
-        model_type="cnn",
-        run_id=run.info.run_id,
-        model_uri=model_uri,
-        test_accuracy=accuracy,
-        test_loss=0.0,
-        tags={MANIFEST_TAG: tags[MANIFEST_TAG]},
-    )
-    version = str(ensure_version(client, name, candidate).version)
-    promote(client, name, version, pause_s=0.0)
-    return uri, f"models:/{name}@champion"
+    uri, _ = champion(params, root)
+    return uri, f"models:/{params.mlflow.registered_model}@champion"
 
 
 # --------------------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -195,24 +121,12 @@ class Server:
     def wait_ready(self, timeout_s: float) -> float:
         """Seconds until `ready_url` answers 200; raises with the log tail otherwise."""
         assert self.process is not None
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.process.returncode}:\n{self.tail()}"
-                )
-            if self.fail_marker and self.fail_marker in self.tail(20000):
-                raise RuntimeError(f"{self.name} cannot load the model:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(self.ready_url, timeout=2) as reply:
-                    if reply.status == 200:
-                        return time.monotonic() - started
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(
-            f"{self.name}: {self.ready_url} not ready in {timeout_s} s\n{self.tail()}"
-        )
+        try:
+            return wait_for_http(
+                self.ready_url, self.process, self.log, timeout_s, self.fail_marker
+            )
+        except RuntimeError as error:
+            raise RuntimeError(f"{self.name}: {error}") from None
 
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""

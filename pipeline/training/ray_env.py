@@ -17,10 +17,9 @@ from pipeline.config.params import Params, ParamsError
 
 # glibc malloc settings for the processes that train, set where Ray starts them (local Ray,
 # submitted jobs, the image): freed memory stays in the heap instead of going back to the
-# kernel. By default each CNN batch's activations (~13 MB each) were mapped and unmapped
-# anew, and the page faults took 10-17% of a CNN epoch on 2 CPUs (bench/README.md). One
-# arena: Ray Train runs the training loop in a thread, and a thread's own arena (64 MB heaps)
-# kept trimming and faulting where the main one does not: 5-10% of a CNN epoch.
+# kernel, where glibc's defaults mapped and unmapped each batch's activations anew. One arena:
+# Ray Train runs the training loop in a thread, whose own arena kept trimming and faulting.
+# The measurements are in bench/README.md (training, the malloc row).
 # glibc reads them at process start; 32 MiB is the largest mmap threshold it accepts.
 TRAINING_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",

@@ -29,7 +29,7 @@ class ServingSettings(BaseSettings):
     max_image_queue: NonNegativeInt = 16  # uploads waiting for a decode; past that, 503
     batch_max_images: PositiveInt = 128
     batch_max_wait_ms: PositiveFloat = (
-        0.5  # bench/results/serving.md: 2 ms cost a third of throughput
+        0.5  # longer waits cost throughput: bench/README.md (serving, the batcher's wait)
     )
     inference_threads: PositiveInt = 1
     parity_tolerance: PositiveFloat = 1e-4

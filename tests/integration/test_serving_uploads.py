@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.bombs import BOMBS, encode
+from testkit.bombs import BOMBS, encode
 from tests.conftest import Service, served_split
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from pipeline.data.digits import (
     to_mnist,
 )
 from pipeline.data.idx import parse_idx
-from tests.bombs import BOMBS, encode
+from testkit.bombs import BOMBS, encode
 from tests.conftest import mirror_folder
 
 

@@ -1,0 +1,86 @@
+"""Server processes on loopback, and a fresh-clone copy of the repo."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from testkit.data import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.is_file() else ""
+
+
+def wait_for_http(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout_s: float = 90,
+    fail_marker: str | None = None,
+) -> float:
+    """Poll `url` until it answers 200 and return the seconds it took; raise with the log's
+    tail if the process dies, logs `fail_marker` (it will never be ready) or times out."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{_tail(log)}")
+        if fail_marker and fail_marker in _tail(log, 20000):
+            raise RuntimeError(f"server cannot start ({fail_marker!r}):\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout_s} s:\n{_tail(log)}")
+
+
+@contextmanager
+def running(
+    command: list[str], url: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server process for the block (given to it, e.g. for its pid), once `url`
+    answers; stop it afterwards."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for_http(url, process, log)
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def copy_repo(target: Path) -> None:
+    """The tracked files and the untracked ones git does not ignore (what a fresh clone has,
+    plus work in progress), as a new git repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    subprocess.run(["git", "init", "-q"], cwd=target, check=True)
