@@ -25,7 +25,6 @@ STARTED = time.perf_counter()  # before the heavy imports: they are part of what
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -46,6 +45,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 import pipeline.training.driver as train  # noqa: E402
 from pipeline.config.env import Settings  # noqa: E402
 from pipeline.config.params import load_params  # noqa: E402
+from pipeline.tracking.epochs import EPOCH_SECONDS  # noqa: E402
 
 IMPORTED = time.perf_counter()
 
@@ -145,19 +145,20 @@ def instrument() -> Timeline:
     return timeline
 
 
-def epoch_times(commits: list[float], fit_start: float) -> dict[str, Any]:
-    """Per-epoch seconds measured from outside the workers: Ray's controller logs each epoch's
-    metrics to MLflow once its checkpoint is committed, so the time from one commit to the next
-    is one epoch with everything between epochs (checkpoint, report). The first epoch has no
-    previous commit: it counts as one median epoch, the rest of its span is worker start."""
-    if not commits:
+def epoch_times(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    """Per-epoch seconds as the run logged them (`time/epoch_s`: training + validation of the
+    slowest rank), and when the first epoch began and the last was committed: Ray's controller
+    logs each epoch's metrics once its checkpoint is committed (MLflow's timestamps)."""
+    seconds = client.get_metric_history(run_id, EPOCH_SECONDS)
+    commits = client.get_metric_history(run_id, "val/accuracy")
+    if not seconds or not commits:
         return {}
-    intervals = [b - a for a, b in zip(commits, commits[1:], strict=False)]
-    first = statistics.median(intervals) if intervals else commits[0] - fit_start
+    per_epoch = [m.value for m in sorted(seconds, key=lambda m: m.step)]
+    first = min(commits, key=lambda m: m.step)
     return {
-        "per_epoch_s": [first, *intervals],
-        "first_start": commits[0] - first,
-        "last_end": commits[-1],
+        "per_epoch_s": per_epoch,
+        "first_start": first.timestamp / 1000 - per_epoch[0],
+        "last_end": max(m.timestamp for m in commits) / 1000,
     }
 
 
@@ -201,8 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (fit and ray_init and shutdown):
         raise RuntimeError(f"train_model ran without its usual phases: {timeline.spans}")
     run_id = outcome.spec.run_id or ""
-    commits = commit_times(args.tracking_uri, run_id)
-    epochs = epoch_times(commits, fit[0])
+    epochs = epoch_times(MlflowClient(args.tracking_uri), run_id)
     recorder = recorder_cost(args.tracking_uri, params.mlflow.experiment, outcome.history)
     driver_mlflow = timeline.total(MLFLOW)
     mlflow_s = driver_mlflow + sum(recorder) + timeline.monitor_cpu_s
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "phases_s": phases,
         "fixed_overhead_s": wall - (epochs["last_end"] - epochs["first_start"]) if epochs else None,
         "epochs": epochs,
-        "commit_times": commits,
+        "commit_times": commit_times(args.tracking_uri, run_id),
         "mlflow": {
             "driver_calls_s": driver_mlflow,
             "driver_calls": _by_label(timeline, MLFLOW),

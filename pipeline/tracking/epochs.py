@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 RESTARTS_TAG = "ray.restarts"
 EPOCH_METRICS = ("train/loss", "val/loss", "val/accuracy")
+EPOCH_SECONDS = "time/epoch_s"  # training + validation seconds of the epoch
 
 
 def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
@@ -39,7 +40,7 @@ def log_new_epochs(client: MlflowClient, run_id: str, rows: list[dict[str, float
         Metric(key, float(row[key]), now, int(row["epoch"]))
         for row in rows
         if int(row["epoch"]) not in done
-        for key in EPOCH_METRICS
+        for key in (*EPOCH_METRICS, EPOCH_SECONDS)
         if key in row
     ]
     if metrics:

@@ -36,6 +36,7 @@ from pipeline.data.prepared import Normalization, PreparedData, SplitArrays
 from pipeline.models.artifact import state_dict_from_lightning
 from pipeline.models.module import Classifier
 from pipeline.models.networks import build_network
+from pipeline.tracking.epochs import EPOCH_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,12 @@ class EpochHistory(pl.Callback):
         for rank, count in enumerate(per_rank):
             pl_module.log(f"train/samples_rank{rank}", count, sync_dist=True, reduce_fx="max")
         pl_module.log("train/samples", sum(per_rank), sync_dist=True, reduce_fx="max")
+        elapsed = time.perf_counter() - self._started
+        # The slowest rank's training + validation time: what the epoch cost.
+        pl_module.log(EPOCH_SECONDS, elapsed, sync_dist=True, reduce_fx="max")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         row = {"epoch": float(trainer.current_epoch)} | metrics
         self.rows.append(row)
-        elapsed = time.perf_counter() - self._started
         if trainer.is_global_zero:
             log.info(
                 "epoch %d/%d  train/loss %.4f  val/loss %.4f  val/accuracy %.4f  (%.1f s)",
