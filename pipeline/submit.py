@@ -23,12 +23,14 @@ from pipeline.tracking.lineage import git_commit
 from pipeline.training.ray_env import TRAINING_ENV
 
 # Never uploaded: environments, data, caches, local tracking stores, outputs. The cluster
-# fetches its own data and writes to shared storage and the tracking server.
+# fetches its own data and writes to shared storage and the tracking server. Patterns are
+# gitignore's: the outputs are anchored at the root ("/data/"), else they would also leave out
+# the packages of the same name (pipeline/data, pipeline/models).
 EXCLUDES = [
-    ".venv/",
-    "venv/",
-    "data/",
-    "models/",
+    "/.venv/",
+    "/venv/",
+    "/data/",
+    "/models/",
     "mlruns/",
     "mlartifacts/",
     "mlflow.db",

@@ -96,7 +96,9 @@ class EpochHistory(pl.Callback):
         elapsed = time.perf_counter() - self._started
         # The slowest rank's training + validation time: what the epoch cost.
         pl_module.log(EPOCH_SECONDS, elapsed, sync_dist=True, reduce_fx="max")
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        # The history holds what the training computed; the epoch's seconds reach MLflow with
+        # Ray's report (the recorder), so that a rerun of the same seed has the same history.
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != EPOCH_SECONDS}
         row = {"epoch": float(trainer.current_epoch)} | metrics
         self.rows.append(row)
         if trainer.is_global_zero:

@@ -312,6 +312,7 @@ def test_upload_leaves_out_environments_data_and_stores(cluster: Cluster, tmp_pa
     check = " && ".join(
         [f"test ! -e {p.rstrip('/')}" for p in (".venv", "data", "mlruns", "mlflow.db")]
         + ["test -f pipeline/submit.py", "test -f params.yaml"]
+        + ["test -f pipeline/data/fetch.py", "test -f pipeline/models/networks.py"]
     )
     code = f"""
 from pathlib import Path
@@ -324,7 +325,7 @@ print(outcome.status.value, outcome.message)
 """
     status = _authorized_python(cluster, code, cwd=REPO)
     assert status.startswith("SUCCEEDED"), status
-    assert {".venv/", "data/", "mlruns/", "mlflow.db"} <= set(EXCLUDES)
+    assert {"/.venv/", "/data/", "mlruns/", "mlflow.db"} <= set(EXCLUDES)
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token"], ids=["no-token", "wrong-token"])
