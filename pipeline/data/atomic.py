@@ -1,4 +1,5 @@
-"""Atomic file output: readers see the old content or the new, never half of one."""
+"""Where outputs go: atomic local files (readers see the old content or the new, never half of
+one), and object-store URIs told apart from paths."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 
 @contextmanager
@@ -42,3 +44,10 @@ def write_text(path: Path, text: str) -> None:
     """Write `text`, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def is_object_store(uri: str) -> bool:
+    """s3://, gs://, az://, ... (not http, ftp or file): read and written through fsspec/pyarrow."""
+    scheme = urlparse(uri).scheme
+    # One letter: a Windows drive.
+    return len(scheme) > 1 and scheme not in {"http", "https", "ftp", "file"}

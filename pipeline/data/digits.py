@@ -151,21 +151,6 @@ def _on_paper(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image) or image
 
 
-def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """PNG/JPEG bytes -> a gray (mode L) image on white paper, upright, at a working size."""
-    return _on_paper(_load(open_image(data, max_pixels)))
-
-
-def _grayscale(image: Image.Image) -> np.ndarray:
-    image = ImageOps.exif_transpose(image) or image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels are paper: composite on white before dropping alpha.
-        rgba = image.convert("RGBA")
-        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(paper, rgba)
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-
-
 def gray_to_mnist(gray: np.ndarray) -> np.ndarray:
     """Gray float32 in [0, 1], any polarity -> float32 (28, 28), white digit on black,
     centred by mass; ImageError("no_digit") when nothing stands out from the background."""
@@ -206,11 +191,10 @@ def gray_to_mnist(gray: np.ndarray) -> np.ndarray:
 
 
 def to_mnist(image: Image.Image) -> np.ndarray:
-    """A PIL image already in memory -> float32 (28, 28) in [0, 1] (see `gray_to_mnist`)."""
-    return gray_to_mnist(_grayscale(image))
+    """A PIL image (decoded or not) -> float32 (28, 28) in [0, 1] (see `gray_to_mnist`)."""
+    return gray_to_mnist(np.asarray(_on_paper(image), dtype=np.float32) / 255.0)
 
 
 def image_bytes_to_mnist(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Uploaded bytes -> float32 (28, 28); ImageError with a `kind` for anything refused."""
-    gray = np.asarray(decode(data, max_pixels), dtype=np.float32) / 255.0
-    return gray_to_mnist(gray)
+    return to_mnist(_load(open_image(data, max_pixels)))

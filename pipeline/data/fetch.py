@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.config.env import Settings
 from pipeline.config.params import Params
-from pipeline.data.atomic import atomic_path
+from pipeline.data.atomic import atomic_path, is_object_store
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,9 @@ def _is_url(mirror: str) -> bool:
     return urlparse(mirror).scheme in {"http", "https", "ftp", "file"}
 
 
-def _is_object_store(mirror: str) -> bool:
-    """s3://, gs://, az://, ...: read through fsspec (its backend, e.g. s3fs, installed)."""
-    scheme = urlparse(mirror).scheme
-    return len(scheme) > 1 and not _is_url(mirror)  # one letter: a Windows drive
-
-
 def _candidates(mirror: str, name: str) -> list[str]:
     """Places a mirror may hold `name`: gzipped first, as the public mirrors serve it."""
-    if _is_url(mirror) or _is_object_store(mirror):
+    if _is_url(mirror) or is_object_store(mirror):
         base = mirror if mirror.endswith("/") else mirror + "/"
         return [f"{base}{name}.gz", f"{base}{name}"]
     folder = Path(mirror).expanduser()
@@ -69,7 +63,7 @@ def _download(source: str, target: Path, timeout_s: float) -> None:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             _copy_with_progress(response, target, total, source)
-    elif _is_object_store(source):
+    elif is_object_store(source):
         import fsspec
 
         try:

@@ -8,12 +8,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config.params import Params, ParamsError
+from pipeline.data.atomic import is_object_store
 
 # glibc malloc settings for the processes that train, set where Ray starts them (local Ray,
 # submitted jobs, the image): freed memory stays in the heap instead of going back to the
@@ -80,16 +80,10 @@ class StorageError(ValueError):
     """`train.storage_path` cannot hold checkpoints for this cluster."""
 
 
-def is_remote_uri(path: str) -> bool:
-    """s3://, gs://, ...: an object store Ray Train writes through pyarrow, reachable by all."""
-    scheme = urlparse(path).scheme
-    return len(scheme) > 1 and scheme != "file"  # one letter: a Windows drive
-
-
 def storage_uri(path: str) -> str:
     """What Ray Train gets: a remote URI as is, a folder made absolute (the job's cwd is not
     where the user stood)."""
-    return path if is_remote_uri(path) else str(Path(path).expanduser().resolve())
+    return path if is_object_store(path) else str(Path(path).expanduser().resolve())
 
 
 @ray.remote(num_cpus=0)
@@ -126,7 +120,7 @@ def check_storage(path: str) -> str:
     """The storage URI for Ray Train, after making sure every node of the connected cluster
     can reach it; raises StorageError naming the nodes that cannot."""
     uri = storage_uri(path)
-    if is_remote_uri(uri) or len([n for n in ray.nodes() if n["Alive"]]) < 2:
+    if is_object_store(uri) or len([n for n in ray.nodes() if n["Alive"]]) < 2:
         return uri
     missing = unreachable_nodes(Path(uri))
     if missing:
