@@ -8,18 +8,11 @@ then node-local for real, which is how the storage check is put to the test on o
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,145 +21,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.submit import EXCLUDES
+from testkit.cluster import CAN_MASK, Cluster, clean_env, ray_cluster
 from tests.conftest import REPO, SMALL, copy_repo, free_port, raw_params, with_overrides
 
 pytestmark = pytest.mark.slow
 
-VENV_BIN = str(Path(sys.executable).parent)
-CAN_MASK = os.geteuid() == 0 and shutil.which("unshare") is not None
-# Two nodes importing Ray on a busy 2-core machine can take minutes to answer a first driver.
-START_DEADLINE_S = 240.0
-
-
-@dataclass(frozen=True)
-class Cluster:
-    gcs: str  # host:port, for drivers
-    dashboard: str  # the Jobs API
-    token: str
-    local_folder: Path  # hidden from the second node
-    shared_folder: Path  # seen by both nodes
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    return env | {"PATH": f"{VENV_BIN}{os.pathsep}{env['PATH']}"} | extra
-
-
-def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with log.open("wb") as sink:
-        # Own session: the whole node (raylet, GCS, workers) stops with one killpg.
-        return subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-
-def _alive_nodes(gcs: str, env: dict[str, str], timeout_s: float) -> int:
-    """Alive nodes as a fresh driver sees them; 0 while the cluster cannot answer yet (a probe
-    that hangs or fails counts as not started: the caller waits out its own deadline)."""
-    probe = f"import ray; ray.init(address={gcs!r}); print(sum(n['Alive'] for n in ray.nodes()))"
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", probe],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=max(timeout_s, 1.0),
-        )
-    except subprocess.TimeoutExpired:
-        return 0
-    lines = done.stdout.strip().splitlines()
-    return int(lines[-1]) if done.returncode == 0 and lines and lines[-1].isdigit() else 0
-
-
-def _wait_for_nodes(
-    count: int,
-    gcs: str,
-    env: dict[str, str],
-    deadline: float,
-    nodes: dict[Path, subprocess.Popen[bytes]],
-) -> None:
-    """Until `count` nodes are alive; at the deadline, or when a node process exits, fail with
-    the nodes' logs."""
-    while _alive_nodes(gcs, env, min(60.0, deadline - time.monotonic())) < count:
-        exited = [log for log, process in nodes.items() if process.poll() is not None]
-        if exited or time.monotonic() >= deadline:
-            what = f"exited: {exited}" if exited else f"{count} nodes not alive in time"
-            logs = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in nodes)
-            pytest.fail(f"Ray cluster did not start ({what})\n{logs}")
-        time.sleep(2)
-
-
-def _agent_ports() -> list[str]:
-    """Ports Ray otherwise takes fixed defaults for (52365, ...): another Ray on this machine
-    (a test session's local one) would hold them, and this node's job agent would not start."""
-    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port")
-    flags += ("--runtime-env-agent-port", "--metrics-export-port")
-    return [part for flag in flags for part in (flag, str(free_port()))]
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Head (1 CPU) + a second node (1 CPU): a 2-worker run must span both."""
-    root = tmp_path_factory.mktemp("cluster")
-    local, shared = root / "node-local", root / "shared"
-    local.mkdir()
-    shared.mkdir()
-    token = secrets.token_hex(16)
-    port, dashboard = free_port(), free_port()
-    # Short: Ray's socket paths live under it and must fit the Unix limit.
-    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    # Its own: nodes sharing one would unpack job packages over each other's working dirs.
-    node_temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
-    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
-    head = _start(
-        [
-            "ray", "start", "--head", "--block",
-            "--port", str(port),
-            "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(dashboard),
-            "--num-cpus", "1",
-            "--temp-dir", temp_dir,
-            "--ray-client-server-port", str(free_port()),
-            *_agent_ports(),
-            "--disable-usage-stats",
-        ],
-        root / "head.log",
-        env,
-    )  # fmt: skip
-    gcs = f"127.0.0.1:{port}"
-    join = " ".join(
-        ["ray start --block --address", gcs, "--num-cpus 1 --temp-dir", node_temp_dir]
-        + _agent_ports()
-    )
-    node_command = (
-        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {local} && exec {join}"]
-        if CAN_MASK
-        else ["sh", "-c", f"exec {join}"]
-    )
-    nodes = [head]
-    try:
-        deadline = time.monotonic() + START_DEADLINE_S
-        _wait_for_nodes(1, gcs, env, deadline, {root / "head.log": head})
-        nodes.append(_start(node_command, root / "node.log", env))
-        logs = {root / "head.log": head, root / "node.log": nodes[1]}
-        _wait_for_nodes(2, gcs, env, deadline, logs)
-        yield Cluster(gcs, f"http://127.0.0.1:{dashboard}", token, local, shared)
-    finally:
-        for process in reversed(nodes):
-            _stop(process)
-        for folder in (temp_dir, node_temp_dir):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """`ray stop` would stop every Ray on the machine; this stops only this node."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=30)
-    # Whatever outlived the orderly stop (a daemon whose parent died first).
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    with ray_cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
 
 
 def _project(tmp_path: Path, storage: Path, model_epochs: int = 2) -> Path:
@@ -195,7 +59,7 @@ def _authorized_python(cluster: Cluster, code: str, cwd: Path | None = None) -> 
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=cwd,
-        env=_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token),
+        env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token),
         capture_output=True,
         text=True,
         timeout=300,
@@ -219,7 +83,7 @@ def _submit_cli(
     return subprocess.run(
         [sys.executable, "-m", "pipeline", "submit", *args, "--address", cluster.dashboard],
         cwd=project,
-        env=_env(**auth, **env),
+        env=clean_env(**auth, **env),
         capture_output=True,
         text=True,
         timeout=900,
@@ -277,7 +141,7 @@ def test_ray_job_submit_cli_runs_the_stages(
             "--", "sh", "-c", stages,
         ],
         cwd=project,
-        env=_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token),
+        env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token),
         capture_output=True,
         text=True,
         timeout=900,
@@ -318,7 +182,7 @@ def test_upload_leaves_out_environments_data_and_stores(cluster: Cluster, tmp_pa
 from pathlib import Path
 from pipeline import submit as jobs
 client = jobs.connect({cluster.dashboard!r})
-env = jobs.runtime_env(Path({str(project)!r}), {{}})
+env = jobs.runtimeclean_env(Path({str(project)!r}), {{}})
 job = jobs.submit(client, {check!r}, env, jobs.job_id("upload"))
 outcome = jobs.follow(client, job, lambda text: None)
 print(outcome.status.value, outcome.message)
@@ -354,7 +218,7 @@ def test_unreachable_jobs_api_is_a_clear_error(tmp_path: Path) -> None:
         [sys.executable, "-m", "pipeline", "submit", "train", "-m", "cnn"]
         + ["--address", f"http://127.0.0.1:{free_port()}"],
         cwd=project,
-        env=_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -380,7 +244,7 @@ def test_node_local_storage_is_refused_before_training(
 
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", "-m", "mlp", "--params", str(params)],
-        env=_env(
+        env=clean_env(
             RAY_ADDRESS=cluster.gcs,
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN=cluster.token,
