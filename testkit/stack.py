@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 from testkit.data import REPO
 from testkit.processes import free_port
@@ -297,6 +299,14 @@ class Mlflow:
             "MLFLOW_TRACKING_USERNAME": login.username,
             "MLFLOW_TRACKING_PASSWORD": login.password,
         }
+
+    @contextmanager
+    def client(self, login: Login | None = None) -> Iterator[Any]:
+        """An MlflowClient of this server, logged in (the admin by default) for the block."""
+        from mlflow.tracking import MlflowClient
+
+        with mock.patch.dict(os.environ, self.env(login or self.admin)):
+            yield MlflowClient(self.url)
 
 
 def mlflow_server(root: Path, postgres: Postgres, s3: S3) -> Mlflow:

@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     """The project's commit when it runs from a copy without .git (a Ray job's upload)."""
     mlflow_tracking_uri: str | None = None
     """The MLflow tracking server or store; unset means `sqlite:///mlflow.db` in the project."""
+    mlflow_tracking_username: str | None = None
+    mlflow_tracking_password: str | None = None
+    mlflow_tracking_token: str | None = None
+    """MLflow's own credentials variables (basic auth, or a bearer token), read as MLflow does."""
 
     def jobs_address(self) -> str:
         return self.ray_api_server_address or self.ray_address or "http://127.0.0.1:8265"

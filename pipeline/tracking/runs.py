@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -45,19 +46,45 @@ def tracking_uri(settings: Settings) -> str:
     return uri
 
 
+def _get(url: str, timeout_s: float) -> int:
+    """The status of a GET with MLflow's own credentials (basic auth or a token) if set."""
+    request = urllib.request.Request(url)
+    settings = Settings()
+    if settings.mlflow_tracking_username:
+        login = f"{settings.mlflow_tracking_username}:{settings.mlflow_tracking_password or ''}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    elif settings.mlflow_tracking_token:
+        request.add_header("Authorization", f"Bearer {settings.mlflow_tracking_token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any expensive work, when the tracking store cannot be used."""
+    """Fail fast, before any expensive work, when the tracking store cannot be used: a server
+    that does not answer, or refuses this process's credentials."""
     if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
-                if reply.status != 200:
-                    raise TrackingError(f"MLflow tracking server {uri} answered {reply.status}")
+            health = _get(f"{base}/health", timeout_s)
+            status = _get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout_s)
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({reason}); start it or set "
                 "MLFLOW_TRACKING_URI to a reachable server"
             ) from None
+        if health != 200:
+            raise TrackingError(f"MLflow tracking server {uri} answered {health}")
+        if status in (401, 403):
+            user = Settings().mlflow_tracking_username
+            who = f"user {user!r} (MLFLOW_TRACKING_USERNAME)" if user else "no credentials"
+            raise TrackingError(
+                f"MLflow tracking server {uri} refused {who}: {status}; check "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            )
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():

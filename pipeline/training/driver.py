@@ -46,7 +46,12 @@ from pipeline.tracking.runs import (
     tracking_uri,
     training_run,
 )
-from pipeline.training.ray_env import check_storage, ray_session, resolve_scaling
+from pipeline.training.ray_env import (
+    check_object_store,
+    check_storage,
+    ray_session,
+    resolve_scaling,
+)
 from pipeline.training.recorder import RunRecorder
 from pipeline.training.trainer import build_trainer
 from pipeline.training.worker import (
@@ -211,6 +216,7 @@ def train_model(
     data = open_prepared(prepared)
     uri = tracking_uri(settings)
     ensure_reachable(uri)
+    check_object_store(params.train.storage_path)
     with ray_session(settings.ray_address):
         use_gpu = resolve_scaling(params)
         scaling = params.train.scaling

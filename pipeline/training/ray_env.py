@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -78,6 +79,44 @@ def resolve_scaling(params: Params) -> bool:
 
 class StorageError(ValueError):
     """`train.storage_path` cannot hold checkpoints for this cluster."""
+
+
+def check_object_store(path: str, key: str = "train.storage_path") -> None:
+    """Before Ray starts: an s3:// `path` must be usable with this environment's keys (the
+    ones every node has in a deployment); StorageError names what is wrong."""
+    if urlparse(path).scheme != "s3":
+        return  # a folder (checked on the cluster), or another store's own SDK errors
+    try:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        message = f"{key}: {path} needs boto3 (pip install 'mnist-pipeline[cloud]')"
+        raise StorageError(message) from None
+    session = boto3.session.Session()
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise StorageError(
+            f"{key}: {path}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    config = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2})
+    client = session.client("s3", config=config)
+    bucket, where = urlparse(path).netloc, client.meta.endpoint_url
+    try:
+        client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        problems = {
+            "NoSuchBucket": f"bucket {bucket!r} does not exist",
+            "InvalidAccessKeyId": f"the access key {credentials.access_key!r} is unknown",
+            "SignatureDoesNotMatch": "the secret key does not match AWS_ACCESS_KEY_ID",
+        }
+        problem = problems.get(code, f"the keys of {credentials.access_key!r} may not use it")
+        raise StorageError(f"{key}: {path} on {where}: {problem} ({code})") from None
+    except BotoCoreError as error:
+        raise StorageError(
+            f"{key}: {path}: the S3 endpoint {where} (AWS_ENDPOINT_URL) is unreachable: {error}"
+        ) from None
 
 
 def storage_uri(path: str) -> str:
