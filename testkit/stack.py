@@ -28,7 +28,6 @@ from unittest import mock
 from testkit.data import REPO
 from testkit.processes import free_port
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 VENV_BIN = Path(sys.executable).parent
 BUCKETS = ("mlflow-artifacts", "mnist-dvc")
 
@@ -44,6 +43,14 @@ def _port_pair() -> int:
             except OSError:
                 continue
         return port
+
+
+def _pg(tool: str) -> str:
+    """A PostgreSQL server program: Debian's, the newest major version (.ci/run installs it)."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    if not versions:
+        raise RuntimeError("no PostgreSQL server here: apt-get install postgresql")
+    return str(versions[-1] / tool)
 
 
 def _tail(log: Path, chars: int = 3000) -> str:
@@ -135,7 +142,7 @@ class Postgres:
             shutil.chown(self.root, "postgres")
             shutil.chown(self.root / "pw", "postgres")
         self._run(
-            str(PG_BIN / "initdb"),
+            _pg("initdb"),
             "-D",
             str(self.root / "data"),
             "-U",
@@ -175,7 +182,7 @@ class Postgres:
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
         self._run(
-            str(PG_BIN / "pg_ctl"),
+            _pg("pg_ctl"),
             "-D",
             str(self.root / "data"),
             "-l",
@@ -190,9 +197,7 @@ class Postgres:
 
     def stop(self, mode: str = "fast") -> None:
         if (self.root / "data" / "postmaster.pid").exists():
-            self._run(
-                str(PG_BIN / "pg_ctl"), "-D", str(self.root / "data"), "-m", mode, "-w", "stop"
-            )
+            self._run(_pg("pg_ctl"), "-D", str(self.root / "data"), "-m", mode, "-w", "stop")
 
     def remove(self) -> None:
         self.stop("immediate")
