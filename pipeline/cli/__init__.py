@@ -12,6 +12,7 @@ import typer
 
 from pipeline.cli import jobs, models, stages
 
+MLFLOW_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 app = typer.Typer(
     help="MNIST pipeline: fetch, prepare, train on Ray, evaluate.",
     no_args_is_help=True,
@@ -41,6 +42,10 @@ def _configure(
 ) -> None:
     # Per-file download bars drown the log; the stages log what they fetch.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's default retries wait about four minutes per call on a server that is down; the
+    # commands wait for it where waiting makes sense (TRACKING_WAIT_S) and fail fast elsewhere.
+    for key, value in MLFLOW_RETRIES.items():
+        os.environ.setdefault(key, value)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     mlflow_tracking_password: str | None = None
     mlflow_tracking_token: str | None = None
     """MLflow's own credentials variables (basic auth, or a bearer token), read as MLflow does."""
+    tracking_wait_s: float = 300.0
+    """How long a training that has finished waits for an unreachable tracking server before
+    it stops with the checkpoints kept (a rerun then finishes the same run)."""
 
     def jobs_address(self) -> str:
         return self.ray_api_server_address or self.ray_address or "http://127.0.0.1:8265"

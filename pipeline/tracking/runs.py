@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -89,6 +90,31 @@ def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist")
+
+
+def wait_for_tracking(uri: str, budget_s: float) -> None:
+    """Until the tracking server answers again, backing off up to 30 s between tries; after
+    `budget_s`, TrackingError. A store that is not a server is always there."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    deadline, pause = time.monotonic() + budget_s, 1.0
+    while True:
+        try:
+            if _get(f"{uri.rstrip('/')}/health", 5.0) == 200:
+                return
+        except OSError as error:
+            problem = str(getattr(error, "reason", error))
+        else:
+            problem = "not healthy"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TrackingError(
+                f"MLflow tracking server {uri} unreachable for {budget_s:.0f} s after training "
+                f"({problem}; TRACKING_WAIT_S)"
+            )
+        log.warning("MLflow at %s: %s; retrying in %.0f s", uri, problem, min(pause, left))
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 30.0)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -238,32 +264,52 @@ def training_run(
     resume_id, why = resume_decision(previous, logged, data_digest)
     if previous is not None:
         log.info("%s: %s", why, "resuming it" if resume_id else "starting a new run")
-    with mlflow.start_run(
+    run = mlflow.start_run(
         run_id=resume_id,
         run_name=None if resume_id else f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}",
         log_system_metrics=True,
-    ) as run:
-        tags = {"git_commit": git_commit()}
-        if previous is not None and resume_id:
-            resumes = int(previous.data.tags.get(RESUMES_TAG, "0")) + 1
-            mlflow.set_tags(tags | {RESUMES_TAG: str(resumes)})
-            if FAILURE_TAG in previous.data.tags:  # it described the attempt that stopped
-                mlflow.delete_tag(FAILURE_TAG)
-            yield OpenRun(run.info.run_id, resumed=True)
-            return
-        # Params first: a run killed right after this can still be matched when resumed.
-        mlflow.log_params(logged)
-        mlflow.set_tags(
-            tags
-            | {"model_type": name, "data.digest": data_digest, RESTARTS_TAG: "0", RESUMES_TAG: "0"}
+    )
+    try:
+        yield _open(
+            run.info.run_id, previous if resume_id else None, logged, name, prepared, data_digest
         )
-        train = open_prepared(prepared).load("train")
-        dataset = from_numpy(
-            train.images,
-            targets=train.labels,
-            source=str(prepared.resolve()),
-            name="mnist-prepared",
-            digest=dvc_hash(prepared),
-        )
-        mlflow.log_input(dataset, context="training")
-        yield OpenRun(run.info.run_id, resumed=False)
+    except BaseException:
+        # The block's error is the one to report: a tracking server that is down cannot take
+        # the FAILED status either, and its run stays unfinished, to be resumed.
+        with contextlib.suppress(MlflowException, OSError):
+            mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def _open(
+    run_id: str,
+    previous: Run | None,
+    logged: dict[str, str],
+    name: ModelName,
+    prepared: Path,
+    data_digest: str,
+) -> OpenRun:
+    """What a new run records first, or a resumed one updates."""
+    tags = {"git_commit": git_commit()}
+    if previous is not None:
+        resumes = int(previous.data.tags.get(RESUMES_TAG, "0")) + 1
+        mlflow.set_tags(tags | {RESUMES_TAG: str(resumes)})
+        if FAILURE_TAG in previous.data.tags:  # it described the attempt that stopped
+            mlflow.delete_tag(FAILURE_TAG)
+        return OpenRun(run_id, resumed=True)
+    # Params first: a run killed right after this can still be matched when resumed.
+    mlflow.log_params(logged)
+    mlflow.set_tags(
+        tags | {"model_type": name, "data.digest": data_digest, RESTARTS_TAG: "0", RESUMES_TAG: "0"}
+    )
+    train = open_prepared(prepared).load("train")
+    dataset = from_numpy(
+        train.images,
+        targets=train.labels,
+        source=str(prepared.resolve()),
+        name="mnist-prepared",
+        digest=dvc_hash(prepared),
+    )
+    mlflow.log_input(dataset, context="training")
+    return OpenRun(run_id, resumed=False)

@@ -41,10 +41,12 @@ from pipeline.tracking.figures import log_training_curves
 from pipeline.tracking.model_log import log_model
 from pipeline.tracking.runs import (
     FAILURE_TAG,
+    TrackingError,
     ensure_reachable,
     failure_line,
     tracking_uri,
     training_run,
+    wait_for_tracking,
 )
 from pipeline.training.ray_env import (
     check_object_store,
@@ -246,4 +248,11 @@ def train_model(
                 message = describe_failure(error, name, epoch, epochs, budget)
                 mlflow.set_tag(FAILURE_TAG, message)
                 raise TrainingError(message) from None
+            try:
+                wait_for_tracking(uri, settings.tracking_wait_s)
+            except TrackingError as error:
+                raise TrackingError(
+                    f"{error}; nothing written to {params.paths.models}/, the checkpoints stay "
+                    f"in {storage}: rerun the same command to finish run {run.run_id}"
+                ) from None
             return _export(params, name, data, result, run.run_id)

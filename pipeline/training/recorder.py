@@ -8,6 +8,7 @@ workers, and must not import Lightning or the worker code for it (bench/README.m
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from mlflow.exceptions import MlflowException
@@ -17,6 +18,11 @@ from ray.train import UserCallback
 from pipeline.tracking.epochs import count_restart, log_new_epochs
 
 log = logging.getLogger(__name__)
+
+CONTROLLER_MLFLOW_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 class RunRecorder(UserCallback):
@@ -32,14 +38,25 @@ class RunRecorder(UserCallback):
         self.run_id = run_id
         self.max_failures = max_failures
         self.failures = 0
+        self.pending: list[dict[str, Any]] = []
+
+    def _client(self) -> MlflowClient:
+        # This runs in Ray's controller, whose loop also watches the workers: with MLflow's
+        # default retries one call to a server that is down blocks it for minutes. One quick
+        # try instead; an epoch missed here is logged by the driver when training ends.
+        os.environ.update(CONTROLLER_MLFLOW_ENV)
+        return MlflowClient(self.uri)
 
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
     ) -> None:
         if checkpoint is None:
             return
+        # Epochs that missed MLflow go with the next one, so that steps stay in order.
+        self.pending.append(metrics[0])
         try:
-            log_new_epochs(MlflowClient(self.uri), self.run_id, [metrics[0]])
+            log_new_epochs(self._client(), self.run_id, self.pending)
+            self.pending.clear()
         except (MlflowException, OSError) as error:
             # Not fatal: the driver logs every epoch the run lacks when training ends.
             log.warning("epoch %s not logged yet: %s", metrics[0].get("epoch"), error)
@@ -49,7 +66,7 @@ class RunRecorder(UserCallback):
         if self.failures > self.max_failures:  # as Ray's FailureConfig decides: no restart
             return
         try:
-            count_restart(MlflowClient(self.uri), self.run_id)
+            count_restart(self._client(), self.run_id)
         except (MlflowException, OSError) as error:
             # Never let bookkeeping stop the restart itself.
             log.warning("restart %d not recorded: %s", self.failures, error)
