@@ -406,7 +406,7 @@ PROFILE_PARTS = (
     ("body validation (pydantic, `request_body_to_args`)", ("request_body_to_args",)),
     ("nested lists -> numpy (`v1_images`)", ("v1_images",)),
     ("response model (`_v1_response`) and serialization", ("_v1_response", "serialize_response")),
-    ("micro-batcher task (`MicroBatcher._run`, incl. the thread hand-off)", ("MicroBatcher._run",)),
+    ("micro-batcher task (`MicroBatcher.run`, incl. the thread hand-off)", ("MicroBatcher.run",)),
     ("hand-off to a thread (`ThreadPoolExecutor.submit`)", ("ThreadPoolExecutor.submit",)),
     ("run_in_threadpool (sync dependencies / endpoints)", ("run_in_threadpool",)),
     ("HTTP parsing (`HttpToolsProtocol.data_received`)", ("HttpToolsProtocol.data_received",)),

@@ -10,47 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from services.serving.background import Background
-from services.serving.model import ServedModel
+from services.serving.model import ModelHolder, ServedModel
+
+Result = tuple[np.ndarray, ServedModel]
 
 
-@dataclass
-class _Pending:
+class _Pending(NamedTuple):
     images: np.ndarray
-    future: asyncio.Future[tuple[np.ndarray, ServedModel]] = field(repr=False)
+    future: asyncio.Future[Result]
 
 
 class MicroBatcher:
-    def __init__(
-        self,
-        current_model: Callable[[], ServedModel],
-        max_images: int,
-        max_wait_s: float,
-        on_batch: Callable[[int], None] = lambda size: None,
-    ) -> None:
-        self._current_model = current_model
-        self._max_images = max_images
-        self._max_wait_s = max_wait_s
-        self._on_batch = on_batch
+    """Batches for the holder's model, as its settings say (SERVING_BATCH_*)."""
+
+    def __init__(self, holder: ModelHolder) -> None:
+        self._holder, self._metrics = holder, holder.metrics
+        self._max_images = holder.settings.batch_max_images
+        self._max_wait_s = holder.settings.batch_max_wait_ms / 1000
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._background = Background(self._run, "micro-batcher")
 
-    def start(self) -> None:
-        self._background.start()
-
-    async def stop(self) -> None:
-        await self._background.stop()
-
-    async def predict(self, images: np.ndarray) -> tuple[np.ndarray, ServedModel]:
+    async def predict(self, images: np.ndarray) -> Result:
         """Probabilities for `images` (float32 (N, 28, 28)), and the model that made them."""
-        future: asyncio.Future[tuple[np.ndarray, ServedModel]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        self._holder.require()  # no model yet: refused now, not after waiting in the queue
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(images, future))
         return await future
 
@@ -73,22 +59,22 @@ class MicroBatcher:
             size += len(item.images)
         return batch
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Batch after batch, for the app's lifetime."""
         while True:
             batch = await self._collect()
             try:
-                model = self._current_model()
+                model = self._holder.require()
                 images = np.concatenate([pending.images for pending in batch])
-                self._on_batch(len(images))
+                self._metrics.batch_size.observe(len(images))
                 probabilities = await asyncio.to_thread(model.predict, images)
             except Exception as error:  # noqa: BLE001 - every waiter must hear of it
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(error)
                 continue
-            start = 0
-            for pending in batch:
-                end = start + len(pending.images)
+            self._metrics.images.inc(len(images))
+            ends = np.cumsum([len(pending.images) for pending in batch])[:-1]
+            for pending, rows in zip(batch, np.split(probabilities, ends), strict=True):
                 if not pending.future.done():  # the client may have gone
-                    pending.future.set_result((probabilities[start:end], model))
-                start = end
+                    pending.future.set_result((rows, model))

@@ -1,4 +1,5 @@
-"""The served model: a registry version, pulled and verified, compiled to ONNX Runtime.
+"""The served model: a registry version, pulled and verified, compiled to ONNX Runtime, and
+the holder of the one served now, whose poller swaps in a new version when the alias moves.
 
 Loading checks parity: ONNX Runtime's probabilities must match PyTorch's on the model's own
 input example and on random images, or the version is refused.
@@ -6,9 +7,13 @@ input example and on random images, or the version is refused.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import gc
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,34 +27,14 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.data.atomic import atomic_path
 from pipeline.registry.pull import METADATA, pull, store_uri
-from services.serving.schemas import ModelInfo
+from services.serving.metrics import ServingMetrics
+from services.serving.schemas import ModelInfo, ModelLoadError
 from services.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-ONNX_FILE = "model.onnx"
 PARITY_BATCH = 32
-
-
-class ModelLoadError(RuntimeError):
-    """A model version that cannot be served; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    alias: str | None
-    version: str | None
-
-    @classmethod
-    def parse(cls, uri: str) -> ModelRef:
-        match = _URI.match(uri)
-        if not match:
-            raise ModelLoadError(
-                f"model URI {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>"
-            )
-        return cls(match["name"], match["alias"], match["version"])
 
 
 @dataclass(frozen=True)
@@ -57,32 +42,10 @@ class ServedModel:
     info: ModelInfo
     session: ort.InferenceSession
 
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def version(self) -> str:
-        return self.info.version
-
     def predict(self, images: np.ndarray) -> np.ndarray:
         """float32 (N, 28, 28) in [0, 1] -> float32 (N, 10) probabilities."""
         name = self.session.get_inputs()[0].name
         return np.asarray(self.session.run(None, {name: images})[0])
-
-
-def client_for(settings: ServingSettings) -> MlflowClient:
-    return MlflowClient(store_uri(settings.tracking_uri))
-
-
-def current_version(client: MlflowClient, ref: ModelRef) -> ModelVersion:
-    """The version the reference points at now (an alias moves, a version does not)."""
-    try:
-        if ref.version:
-            return client.get_model_version(ref.name, ref.version)
-        return client.get_model_version_by_alias(ref.name, ref.alias or "champion")
-    except MlflowException as error:
-        raise ModelLoadError(f"models:/{ref.name}: {error.message}") from None
 
 
 def _export_onnx(model_dir: Path, target: Path) -> None:
@@ -90,9 +53,8 @@ def _export_onnx(model_dir: Path, target: Path) -> None:
     for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     module = mlflow.pytorch.load_model(str(model_dir))
-    example = torch.rand(4, 28, 28)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    program = torch.export.export(module, (torch.rand(4, 28, 28),), dynamic_shapes=({0: batch},))
     onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
     if onnx_program is None:
         raise ModelLoadError(f"{model_dir}: ONNX export produced nothing")
@@ -100,24 +62,21 @@ def _export_onnx(model_dir: Path, target: Path) -> None:
         staged.write_bytes(onnx_program.model_proto.SerializeToString())
 
 
-def _parity_inputs(model_dir: Path) -> np.ndarray:
-    example = json.loads((model_dir / "input_example.json").read_text())
-    rng = np.random.default_rng(0)
-    random_images = rng.random((PARITY_BATCH, 28, 28), dtype=np.float32)
-    return np.concatenate([np.asarray(example, dtype=np.float32), random_images])
-
-
 def load(settings: ServingSettings, version: ModelVersion, alias: str | None) -> ServedModel:
     """Pull (verified), compile to ONNX Runtime, check parity; cached per version."""
-    client = client_for(settings)
     name, number = version.name, str(version.version)
     model_dir = settings.cache_dir / name / number
-    if not (model_dir / METADATA).is_file():
-        log.info("pulling %s version %s", name, number)
-        pull(client, name, model_dir, version=number)
     onnx_path = model_dir.parent / f"{number}.onnx"
-    if not onnx_path.is_file():
-        _export_onnx(model_dir, onnx_path)
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    # Processes that share the cache (Ray replicas on a node) fill it one at a time: the first
+    # pulls and exports, the others reuse its files.
+    with (settings.cache_dir / ".load.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (model_dir / METADATA).is_file():
+            log.info("pulling %s version %s", name, number)
+            pull(MlflowClient(store_uri(settings.tracking_uri)), name, model_dir, version=number)
+        if not onnx_path.is_file():
+            _export_onnx(model_dir, onnx_path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.inference_threads
     options.inter_op_num_threads = 1
@@ -131,7 +90,9 @@ def load(settings: ServingSettings, version: ModelVersion, alias: str | None) ->
         test_accuracy=float(version.tags.get("test_accuracy", "nan")),
     )
     served = ServedModel(info, session)
-    inputs = _parity_inputs(model_dir)
+    example = json.loads((model_dir / "input_example.json").read_text())
+    random_images = np.random.default_rng(0).random((PARITY_BATCH, 28, 28), dtype=np.float32)
+    inputs = np.concatenate([np.asarray(example, dtype=np.float32), random_images])
     reference = np.asarray(mlflow.pyfunc.load_model(str(model_dir)).predict(inputs))
     difference = float(np.abs(served.predict(inputs) - reference).max())
     if difference > settings.parity_tolerance:
@@ -141,3 +102,70 @@ def load(settings: ServingSettings, version: ModelVersion, alias: str | None) ->
         )
     log.info("serving %s version %s (ONNX parity %.1e)", name, number, difference)
     return served
+
+
+class ModelHolder:
+    """Holds the served model; a swap is one reference assignment, so readers never see half."""
+
+    def __init__(self, settings: ServingSettings, metrics: ServingMetrics) -> None:
+        if not (uri := _URI.match(settings.model_uri)):
+            forms = "models:/<name>@<alias> or models:/<name>/<version>"
+            raise ModelLoadError(f"model URI {settings.model_uri!r}: expected {forms}")
+        self.settings, self.metrics = settings, metrics
+        self.name, self.alias, self.number = uri["name"], uri["alias"], uri["version"]
+        self.model: ServedModel | None = None
+        self.last_error: str | None = "loading"
+        # The last version that failed to load, and when it may be retried (a cool-down).
+        self._refused: tuple[str | None, float] = (None, 0.0)
+
+    def require(self) -> ServedModel:
+        if self.model is None:
+            raise ModelLoadError(f"no model loaded yet ({self.last_error})")
+        return self.model
+
+    def current(self) -> ModelVersion:
+        """The version the URI points at now (an alias moves, a version does not)."""
+        client = MlflowClient(store_uri(self.settings.tracking_uri))
+        try:
+            if self.number:
+                return client.get_model_version(self.name, self.number)
+            return client.get_model_version_by_alias(self.name, self.alias or "champion")
+        except MlflowException as error:
+            raise ModelLoadError(f"models:/{self.name}: {error.message}") from None
+
+    def refresh(self) -> None:
+        """Load the version the URI points at, if it is new (and not cooling down)."""
+        version = self.current()
+        number, was = str(version.version), self.model.info.version if self.model else None
+        refused, retry_at = self._refused
+        if number == was or (number == refused and time.monotonic() < retry_at):
+            return
+        try:
+            loaded = load(self.settings, version, self.alias)
+        except Exception as error:
+            self._refused = (number, time.monotonic() + self.settings.retry_failed_after_s)
+            self.metrics.reloads.labels("failed").inc()
+            raise ModelLoadError(f"version {number}: {error}") from error
+        self.model, self.last_error = loaded, None
+        self.metrics.model_version.labels(version.name).set(float(number))
+        self.metrics.reloads.labels("swapped").inc()
+        log.info(
+            "now serving %s version %s%s", version.name, number, f" (was {was})" if was else ""
+        )
+        # Loading (MLflow, torch.export, ONNX) leaves a large heap; freezing it keeps the
+        # collector's full passes, which otherwise stall requests for tens of ms, short.
+        # Unfreezing first lets the replaced model's cycles be collected.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+    async def poll(self) -> None:
+        """Refresh every `poll_interval_s`, for the app's lifetime."""
+        while True:
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception as error:  # noqa: BLE001 - keep serving what we have
+                self.last_error = str(error)
+                self.metrics.errors.labels("model_load").inc()
+                log.warning("model refresh failed: %s", error)
+            await asyncio.sleep(self.settings.poll_interval_s)

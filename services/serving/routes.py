@@ -10,10 +10,12 @@ from fastapi import APIRouter, Depends, File, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline.data.digits import ImageError, image_bytes_to_mnist
-from services.serving.inputs import InputError, v1_images, v2_images
-from services.serving.model import ServedModel
+from services.serving.batching import MicroBatcher
+from services.serving.inputs import UploadDecoder, v1_images, v2_images
+from services.serving.metrics import ServingMetrics
+from services.serving.model import ModelHolder, ServedModel
 from services.serving.schemas import (
+    InputError,
     ModelInfo,
     Prediction,
     PredictRequest,
@@ -24,39 +26,34 @@ from services.serving.schemas import (
     V2OutputTensor,
     V2TensorMetadata,
 )
-from services.serving.state import ServingState
+from services.serving.settings import ServingSettings
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 router = APIRouter()
-# ImageError kinds -> statuses; each kind is also the JSON error's kind.
-IMAGE_ERROR_STATUS = {
-    "too_large": 413,
-    "unsupported_format": 415,
-    "unreadable": 400,
-    "no_digit": 422,
-}
+
+
+class ServingState:
+    """What the routes need from the app (`app.state.serving`), built from its settings."""
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self.settings, self.metrics = settings, ServingMetrics()
+        self.holder = ModelHolder(settings, self.metrics)
+        self.batcher = MicroBatcher(self.holder)
+        self.uploads = UploadDecoder(settings)
 
 
 async def serving(request: Request) -> ServingState:
     # async: FastAPI runs a plain `def` dependency in its thread pool, a hop on every request
-    state: ServingState = request.app.state.serving
-    return state
+    return request.app.state.serving
 
 
 State = Annotated[ServingState, Depends(serving)]
 
 
-async def _predict(state: ServingState, images: np.ndarray) -> tuple[np.ndarray, ServedModel]:
-    state.holder.require()  # no model yet: 503 now, not a request waiting in the queue
-    probabilities, model = await state.batcher.predict(images)
-    state.metrics.images.inc(len(images))
-    return probabilities, model
-
-
 def _v1_response(probabilities: np.ndarray, model: ServedModel) -> PredictResponse:
     return PredictResponse(
-        model_name=model.name,
-        model_version=model.version,
+        model_name=model.info.name,
+        model_version=model.info.version,
         predictions=[
             Prediction(digit=int(row.argmax()), probabilities=[float(p) for p in row])
             for row in probabilities
@@ -66,7 +63,6 @@ def _v1_response(probabilities: np.ndarray, model: ServedModel) -> PredictRespon
 
 @router.get("/", include_in_schema=False)
 async def page() -> FileResponse:
-    """The drawing page."""
     return FileResponse(PAGE, media_type="text/html")
 
 
@@ -77,8 +73,7 @@ async def live() -> dict[str, str]:
 
 @router.get("/health/ready", tags=["health"], responses={503: {"description": "No model yet"}})
 async def ready(state: State) -> dict[str, str]:
-    model = state.holder.require()
-    return {"status": "ready", "model_version": model.version}
+    return {"status": "ready", "model_version": state.holder.require().info.version}
 
 
 @router.get("/v1/model", tags=["v1"])
@@ -90,7 +85,7 @@ async def model_info(state: State) -> ModelInfo:
 async def predict(body: PredictRequest, state: State) -> PredictResponse:
     """Images as 28x28 nested lists (0-255 integers or [0, 1] floats)."""
     images = v1_images(body, state.settings.max_images)
-    return _v1_response(*await _predict(state, images))
+    return _v1_response(*await state.batcher.predict(images))
 
 
 @router.post(
@@ -109,14 +104,8 @@ async def predict_image(
     file: Annotated[UploadFile, File(description="A PNG or JPEG picture of a digit, any size")],
 ) -> PredictResponse:
     """One uploaded picture of a digit, made MNIST-style before prediction."""
-    data = await file.read()
-    if not data:
-        raise InputError("file", "empty upload")
-    try:
-        image = await state.decodes.run(image_bytes_to_mnist, data, state.settings.max_image_pixels)
-    except ImageError as error:
-        raise InputError("file", str(error), IMAGE_ERROR_STATUS[error.kind], error.kind) from None
-    return _v1_response(*await _predict(state, image[None]))
+    image = await state.uploads.decode(await file.read())
+    return _v1_response(*await state.batcher.predict(image))
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -141,25 +130,26 @@ async def v2_ready(state: State) -> JSONResponse:
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-def _served(state: ServingState, name: str, version: str | None = None) -> ServedModel:
-    model = state.holder.require()
-    if name != model.name:
+def _served(state: ServingState, name: str, version: str | None = None) -> ModelInfo:
+    """The served model's info if it is the one the path names, else 404."""
+    info = state.holder.require().info
+    if name != info.name:
         raise InputError(
-            "model_name", f"unknown model {name!r}; this server serves {model.name!r}", 404
+            "model_name", f"unknown model {name!r}; this server serves {info.name!r}", 404
         )
-    if version is not None and version != model.version:
+    if version is not None and version != info.version:
         raise InputError(
-            "model_version", f"version {version} is not loaded (serving {model.version})", 404
+            "model_version", f"version {version} is not loaded (serving {info.version})", 404
         )
-    return model
+    return info
 
 
 @router.get("/v2/models/{name}", tags=["v2"])
 async def v2_metadata(name: str, state: State) -> V2ModelMetadata:
-    model = _served(state, name)
+    info = _served(state, name)
     return V2ModelMetadata(
-        name=model.name,
-        versions=[model.version],
+        name=info.name,
+        versions=[info.version],
         platform="onnxruntime_onnx",
         inputs=[V2TensorMetadata(name="images", datatype="FP32", shape=[-1, 28, 28])],
         outputs=[V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, 10])],
@@ -172,12 +162,15 @@ async def v2_model_ready(name: str, state: State) -> dict[str, object]:
     return {"name": name, "ready": True}
 
 
-async def _infer(state: ServingState, body: V2InferRequest) -> V2InferResponse:
+async def _infer(
+    state: ServingState, body: V2InferRequest, name: str, version: str | None = None
+) -> V2InferResponse:
+    _served(state, name, version)
     images = v2_images(body.inputs[0], state.settings.max_images)
-    probabilities, model = await _predict(state, images)
+    probabilities, model = await state.batcher.predict(images)
     return V2InferResponse(
-        model_name=model.name,
-        model_version=model.version,
+        model_name=model.info.name,
+        model_version=model.info.version,
         id=body.id,
         outputs=[
             V2OutputTensor(
@@ -192,13 +185,11 @@ async def _infer(state: ServingState, body: V2InferRequest) -> V2InferResponse:
 
 @router.post("/v2/models/{name}/infer", tags=["v2"])
 async def v2_infer(name: str, body: V2InferRequest, state: State) -> V2InferResponse:
-    _served(state, name)
-    return await _infer(state, body)
+    return await _infer(state, body, name)
 
 
 @router.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"])
 async def v2_infer_version(
     name: str, version: str, body: V2InferRequest, state: State
 ) -> V2InferResponse:
-    _served(state, name, version)
-    return await _infer(state, body)
+    return await _infer(state, body, name, version)

@@ -1,4 +1,5 @@
-"""Typed requests and responses: the v1 API and the Open Inference Protocol (v2)."""
+"""Typed requests and responses (the v1 API, the Open Inference Protocol v2) and the errors
+the API answers with."""
 
 from __future__ import annotations
 
@@ -12,13 +13,10 @@ Row = Annotated[list[Pixel], Field(min_length=SIDE, max_length=SIDE)]
 Image = Annotated[list[Row], Field(min_length=SIDE, max_length=SIDE)]
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PredictRequest(Strict):
+class PredictRequest(BaseModel):
     """`images`: 28x28 nested lists, each either 0-255 integers or floats in [0, 1]."""
 
+    model_config = ConfigDict(extra="forbid")
     images: Annotated[list[Image], Field(min_length=1)]
 
 
@@ -55,6 +53,53 @@ class ErrorBody(BaseModel):
     fields: list[FieldProblem] = []
 
 
+class ServingError(Exception):
+    """A refusal: answered `status` with an ErrorBody of `kind` naming `fields`."""
+
+    status, kind = 500, "internal"
+    headers: dict[str, str] | None = None
+
+    def __init__(
+        self,
+        message: str,
+        fields: list[FieldProblem] | None = None,
+        status: int | None = None,
+        kind: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.fields = fields or []
+        self.status, self.kind = status or self.status, kind or self.kind
+
+
+class InputError(ServingError):
+    """A client error in the payload, naming the field."""
+
+    def __init__(
+        self, field: str, problem: str, status: int = 422, kind: str = "invalid_input"
+    ) -> None:
+        problems = [FieldProblem(field=field, problem=problem)]
+        super().__init__(f"{field}: {problem}", problems, status, kind)
+
+
+class ModelLoadError(ServingError):
+    """No model to serve yet, or a version that cannot be served (the message says why)."""
+
+    status, kind = 503, "not_ready"
+
+
+class DecodeBusy(ServingError):
+    """Every image decode slot is taken and the queue for them is full."""
+
+    status, kind, headers = 503, "busy", {"Retry-After": "1"}
+
+
+class BodyTooLarge(ServingError):
+    status, kind = 413, "too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds {limit} bytes")
+
+
 # Open Inference Protocol (KServe v2), the JSON/REST binding.
 V2DataType = Literal["FP32", "FP64", "FP16", "UINT8", "INT8", "INT16", "INT32", "INT64"]
 
@@ -79,13 +124,6 @@ class V2InferRequest(BaseModel):
     outputs: list[V2RequestOutput] | None = None
 
 
-class V2OutputTensor(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    data: list[float]
-
-
 class V2InferResponse(BaseModel):
     model_name: str
     model_version: str
@@ -97,6 +135,10 @@ class V2TensorMetadata(BaseModel):
     name: str
     datatype: str
     shape: list[int]
+
+
+class V2OutputTensor(V2TensorMetadata):
+    data: list[float]
 
 
 class V2ModelMetadata(BaseModel):

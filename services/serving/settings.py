@@ -28,8 +28,7 @@ class ServingSettings(BaseSettings):
     max_image_decodes: PositiveInt = 2  # uploads decoded at once
     max_image_queue: NonNegativeInt = 16  # uploads waiting for a decode; past that, 503
     batch_max_images: PositiveInt = 128
-    batch_max_wait_ms: PositiveFloat = (
-        0.5  # longer waits cost throughput: bench/README.md (serving, the batcher's wait)
-    )
+    # Longer waits cost throughput: bench/README.md (serving, the batcher's wait).
+    batch_max_wait_ms: PositiveFloat = 0.5
     inference_threads: PositiveInt = 1
     parity_tolerance: PositiveFloat = 1e-4
