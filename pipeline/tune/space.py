@@ -1,5 +1,5 @@
 """The search space of `params.yaml` (`tune.<model>`) in Tune's terms, and what one trial's
-sampled values make of params: its overrides, its params, the search's fingerprint."""
+sampled values make of params."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from pipeline.config.search import SearchSpace
 
 
 def tune_space(space: SearchSpace) -> dict[str, Any]:
-    """Ray Tune's search space for `space`. Widths are JSON strings: Optuna's categorical
-    choices must be scalars."""
+    """Widths as JSON strings: Optuna's categorical choices must be scalars."""
     return {
         "lr": tune.loguniform(space.lr.low, space.lr.high),
         "dropout": tune.uniform(space.dropout.low, space.dropout.high),
@@ -35,14 +34,6 @@ def describe_space(space: SearchSpace) -> dict[str, Any]:
         space.WIDTH_KEY: {"choice": space.width()},
         "epochs": {"max": space.epochs},
     }
-
-
-def start_points(space: SearchSpace) -> list[dict[str, Any]]:
-    """`start_from` in the form of `tune_space`."""
-    return [
-        point | {space.WIDTH_KEY: json.dumps(point[space.WIDTH_KEY])}
-        for point in space.start_points()
-    ]
 
 
 def overrides(space: SearchSpace, name: ModelName, config: dict[str, Any]) -> dict[str, Any]:
@@ -63,8 +54,7 @@ def overrides(space: SearchSpace, name: ModelName, config: dict[str, Any]) -> di
 
 
 def leaves(changes: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: nested changes as `with_overrides` keys (lists stay
-    whole, as values)."""
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`, the keys of `with_overrides` (lists stay whole)."""
     flat: dict[str, Any] = {}
     for key, value in changes.items():
         if isinstance(value, dict):
@@ -90,47 +80,24 @@ def apply_command(changes: dict[str, Any]) -> str:
     return "dvc exp run " + " ".join(f"-S {shlex.quote(arg)}" for arg in set_param_args(changes))
 
 
-def with_trial_scaling(params: Params) -> dict[str, Any]:
-    """params as a mapping, with `train.scaling` set to the workers of one trial."""
-    scaling = params.tune.scaling
-    return with_overrides(
-        params.model_dump(mode="json"),
-        {
-            "train.scaling": {
-                "num_workers": scaling.num_workers,
-                "cpus_per_worker": scaling.cpus_per_worker,
-                "use_gpu": params.train.scaling.use_gpu,
-            }
-        },
-    )
-
-
-def trial_params(params: Params, name: ModelName, config: dict[str, Any]) -> Params:
-    """What one trial trains with: params, its sampled values, the trial's workers."""
-    changes = leaves(overrides(params.tune.model(name), name, config))
-    raw = with_overrides(with_trial_scaling(params), changes)
-    return parse_params(raw, f"params of a {name} trial {config}")
+def trial_params(params: Params, name: ModelName, config: dict[str, Any] | None = None) -> Params:
+    """What a trial trains with: params on `tune.scaling`'s workers, with its sampled `config`."""
+    scaling = params.tune.scaling.model_dump() | {"use_gpu": params.train.scaling.use_gpu}
+    changes = {} if config is None else leaves(overrides(params.tune.model(name), name, config))
+    raw = with_overrides(params.model_dump(mode="json"), {"train.scaling": scaling} | changes)
+    source = "params with tune.scaling" if config is None else f"params of a {name} trial {config}"
+    return parse_params(raw, source)
 
 
 def fingerprint(params: Params, name: ModelName, data_digest: str) -> str:
     """What a search depends on: a search is only resumed under the same fingerprint."""
-    dumped = params.model_dump(mode="json")
-    fixed = {k: v for k, v in dumped["train"][name].items() if k not in ("lr", "batch_size")}
-    fixed["net"] = {
-        k: v for k, v in fixed["net"].items() if k not in ("dropout", "hidden_sizes", "channels")
-    }
-    fixed.pop("epochs")
-    key = {
-        "model": name,
-        "seed": dumped["seed"],
-        "train": {
-            "use_gpu": dumped["train"]["scaling"]["use_gpu"],
-            "max_failures": dumped["train"]["max_failures"],
-            name: fixed,
-        },
-        "tune": tune_section(params, name),
-        "data": data_digest,
-    }
+    train = params.model_dump(mode="json")["train"]
+    fixed = {k: v for k, v in train[name].items() if k not in ("lr", "batch_size", "epochs")}
+    searched = ("dropout", "hidden_sizes", "channels")
+    fixed["net"] = {k: v for k, v in fixed["net"].items() if k not in searched}
+    kept = {"use_gpu": train["scaling"]["use_gpu"], "max_failures": train["max_failures"]}
+    key = {"model": name, "seed": params.seed, "train": kept | {name: fixed}, "data": data_digest}
+    key["tune"] = tune_section(params, name)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,23 +1,23 @@
-"""MLflow: one parent run per search (`open_search` finds the unfinished one to restore, or
-starts one), one child run per trial, and the Tune callback that writes the child runs live;
-`reconcile` makes them agree with Tune's saved state when the search ends, so a trial is
-recorded once even across interruptions.
+"""MLflow: a parent run per search (`open_search`: the unfinished one, or a new one), a child
+run per trial written live by the Tune callback `TrialRecorder`, made to agree with Tune's saved
+state at the end by `reconcile`: a trial is recorded once, even across interruptions.
 
-Hand-written rather than Ray's `ray.air.integrations.mlflow.MLflowLoggerCallback`, which in Ray
-2.60 (ray/air/integrations/mlflow.py:305-340) keeps its trial -> run map in memory only (a
-search restored after a kill opens a second run for each trial), logs at step
-`training_iteration` (which restarts when a trial resumes; the runs here log at step = epoch),
-logs Tune's config (widths as JSON strings) instead of the params.yaml keys a trial trains
-with, and has no notion of a parent run or a trial ASHA stopped early.
+Not Ray's `MLflowLoggerCallback`, which in Ray 2.60 (ray/air/integrations/mlflow.py:305-340)
+keeps its trial -> run map in memory only (a search restored after a kill opens a second run
+per trial), logs at step `training_iteration` (it restarts when a trial resumes; here step =
+epoch), logs Tune's config rather than the params.yaml keys a trial trains with, and knows no
+parent run nor a trial ASHA stopped early.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from math import inf, nan
 from typing import Any
 
 from mlflow.entities import Metric, Param, Run, RunTag
@@ -32,21 +32,16 @@ from pipeline.tracking.epochs import EPOCH_METRICS, log_new_epochs, logged_histo
 from pipeline.tracking.lineage import git_commit
 from pipeline.tracking.runs import (
     FAILURE_TAG,
+    ensure_experiment,
     flatten,
     latest_run,
     stage_params,
     unfinished_decision,
 )
+from pipeline.training.ray_env import check_storage
 from pipeline.training.worker import MONITOR
 from pipeline.tune.space import describe_space, fingerprint, trial_params, tune_section
-from pipeline.tune.trial import (
-    EPOCHS_DONE,
-    TERMINAL,
-    TrialSummary,
-    epoch_rows,
-    read_trials,
-    trial_error,
-)
+from pipeline.tune.trial import EPOCHS_DONE, TrialSummary, epoch_rows, read_trials
 
 log = logging.getLogger(__name__)
 
@@ -55,31 +50,27 @@ SEARCH_TAG = "tune.search"
 TRIAL_TAG = "tune.trial_id"
 FINGERPRINT_TAG = "tune.fingerprint"
 PATH_TAG = "tune.experiment_path"
-SPACE_TAG = "tune.search_space"
 STOPPED_TAG = "tune.stopped_early"
 PARENT_TAG = "mlflow.parentRunId"
+RUN_STATUS = {Trial.TERMINATED: "FINISHED", Trial.ERROR: "FAILED"}  # else KILLED: resumable
 
 
-def summary_metrics(rows: list[dict[str, float]], now: int) -> list[Metric]:
+def summary_metrics(rows: list[dict[str, float]]) -> list[Metric]:
     """A finished trial's last and best epoch, as its child run's summary metrics."""
     if not rows:
         return []
-    best = max(rows, key=lambda row: row.get(MONITOR, float("-inf")))
-    last = rows[-1]
-    metrics = [
-        Metric(f"final/{k.replace('/', '_')}", last[k], now, 0) for k in EPOCH_METRICS if k in last
-    ]
-    return metrics + [
-        Metric("best/val_accuracy", best.get(MONITOR, float("nan")), now, 0),
-        Metric("best/epoch", best["epoch"], now, 0),
-        Metric("epochs_trained", float(len(rows)), now, 0),
-    ]
+    best, last = max(rows, key=lambda row: row.get(MONITOR, -inf)), rows[-1]
+    now = int(time.time() * 1000)
+    values = {f"final/{k.replace('/', '_')}": last[k] for k in EPOCH_METRICS if k in last}
+    values |= {"best/val_accuracy": best.get(MONITOR, nan), "best/epoch": best["epoch"]}
+    values["epochs_trained"] = float(len(rows))
+    return [Metric(k, v, now, 0) for k, v in values.items()]
 
 
-@dataclass
-class TrialRecorder:
-    """Writes the child runs of one search. Plain MLflow client calls: usable from the Tune
-    callback during the search and from the reconciliation after it."""
+@dataclass(eq=False)  # a stateful callback: equal to itself only
+class TrialRecorder(tune.Callback):
+    """The MLflow runs of one search, in plain client calls: written live as a Tune callback
+    (driver side; a failing call is logged and left to `reconcile`), and by `reconcile`."""
 
     uri: str
     experiment_id: str
@@ -89,65 +80,43 @@ class TrialRecorder:
     epochs: int
     params: dict[str, Any]  # the search's params, as a mapping
     train_limit: int | None
-    _runs: dict[str, str] = field(default_factory=dict)
+    path: str = ""  # the Tune experiment
+    results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    runs: dict[str, str] = field(default_factory=dict)  # trial id -> child run id
 
     @property
     def client(self) -> MlflowClient:
         return MlflowClient(self.uri)
 
     def find(self, trial_id: str) -> Run | None:
-        where = (
-            f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
-        )
-        return latest_run(self.client, self.experiment_id, where)
-
-    def open(self, trial_id: str, config: dict[str, Any]) -> str:
-        """The trial's child run, created with its params if new, reopened if it ended."""
-        run = self.find(trial_id)
-        if run is not None:
-            if run.info.status != "RUNNING":
-                self.client.update_run(run.info.run_id, status="RUNNING")
-            self._runs[trial_id] = run.info.run_id
-            return run.info.run_id
-        params = trial_params(parse_params(self.params), self.model, config)
-        logged = stage_params(params, self.model) | {
-            TRIAL_TAG: trial_id,
-            "tune.train_limit": str(self.train_limit),
-        }
-        created = self.client.create_run(
-            self.experiment_id,
-            run_name=f"{self.search_name}-{trial_id}",
-            tags={
-                PARENT_TAG: self.parent_run_id,
-                ROLE_TAG: "trial",
-                TRIAL_TAG: trial_id,
-                SEARCH_TAG: self.search_name,
-                "model_type": self.model,
-            },
-        )
-        run_id = str(created.info.run_id)
-        self.client.log_batch(run_id, params=[Param(k, v) for k, v in logged.items()])
-        self._runs[trial_id] = run_id
-        return run_id
+        parent, trial = f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'", f"tags.`{TRIAL_TAG}`"
+        return latest_run(self.client, self.experiment_id, f"{parent} and {trial} = '{trial_id}'")
 
     def run_id(self, trial_id: str, config: dict[str, Any]) -> str:
-        return self._runs.get(trial_id) or self.open(trial_id, config)
+        """The trial's child run, created with its params if new, reopened if it ended."""
+        if trial_id in self.runs:
+            return self.runs[trial_id]
+        client, run = self.client, self.find(trial_id)
+        if run is None:
+            params = trial_params(parse_params(self.params), self.model, config)
+            logged = stage_params(params, self.model) | {"tune.train_limit": str(self.train_limit)}
+            tags = {PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", SEARCH_TAG: self.search_name}
+            tags |= {TRIAL_TAG: trial_id, "model_type": self.model}
+            name = f"{self.search_name}-{trial_id}"
+            run = client.create_run(self.experiment_id, run_name=name, tags=tags)
+            batch = [Param(k, v) for k, v in (logged | {TRIAL_TAG: trial_id}).items()]
+            client.log_batch(run.info.run_id, params=batch)
+        elif run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        self.runs[trial_id] = run.info.run_id
+        return str(run.info.run_id)
 
-    def log_epochs(self, run_id: str, rows: list[dict[str, float]]) -> None:
-        log_new_epochs(self.client, run_id, rows)
-
-    def finish(
-        self,
-        trial_id: str,
-        config: dict[str, Any],
-        rows: list[dict[str, float]],
-        status: str,
-        error: str | None = None,
-    ) -> None:
-        """End the child run: FINISHED (stopped early by ASHA or not), FAILED or KILLED."""
-        client = self.client
-        run_id = self.run_id(trial_id, config)
-        self.log_epochs(run_id, rows)
+    def finish(self, trial: TrialSummary) -> str:
+        """End the trial's child run as `RUN_STATUS` says, FINISHED whether ASHA stopped it
+        early or not; log its epochs first."""
+        client, run_id = self.client, self.run_id(trial.trial_id, trial.config)
+        log_new_epochs(client, run_id, trial.rows)
+        status = RUN_STATUS.get(trial.status, "KILLED")
         if status == "FINISHED":
             # What the run holds, not `rows`: after a hard kill, Tune's snapshot can lag epochs
             # already logged live, and the summary must agree with the curves.
@@ -156,123 +125,84 @@ class TrialRecorder:
                 RunTag(STOPPED_TAG, str(len(held) < self.epochs).lower()),
                 RunTag("tune.epochs_trained", str(len(held))),
             ]
-            metrics = summary_metrics(held, int(time.time() * 1000))
-            client.log_batch(run_id, metrics=metrics, tags=tags)
-        elif error:
-            client.set_tag(run_id, FAILURE_TAG, error)
+            client.log_batch(run_id, metrics=summary_metrics(held), tags=tags)
+        elif trial.error:
+            client.set_tag(run_id, FAILURE_TAG, trial.error)
         client.set_terminated(run_id, status=status)
+        return run_id
 
+    def end_search(self, status: str, failure: str | None = None) -> None:
+        if failure:
+            self.client.set_tag(self.parent_run_id, FAILURE_TAG, failure)
+        self.client.set_terminated(self.parent_run_id, status=status)
 
-class TrialRuns(tune.Callback):
-    """Tune callback (driver side): the MLflow child run of each trial, live. A failing
-    MLflow call is logged and left to the reconciliation at the end of the search."""
-
-    def __init__(self, recorder: TrialRecorder) -> None:
-        self.recorder = recorder
-        self.results: dict[str, list[dict[str, Any]]] = {}
-
-    def _safely(self, what: str, action: Any) -> None:
+    @contextmanager
+    def _safely(self, what: str) -> Iterator[None]:
         try:
-            action()
+            yield
         except (MlflowException, OSError) as error:
             log.warning("MLflow: %s not recorded yet: %s", what, error)
 
-    def on_trial_start(
-        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
-    ) -> None:
+    def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         log.info("trial %s started: %s", trial.trial_id, trial.config)
-        self._safely(
-            f"trial {trial.trial_id}", lambda: self.recorder.open(trial.trial_id, trial.config)
-        )
+        with self._safely(f"trial {trial.trial_id}"):
+            self.run_id(trial.trial_id, trial.config)
 
     def on_trial_result(
-        self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
+        self, iteration: int, trials: list, trial: Trial, result: dict[str, Any], **info: Any
     ) -> None:
         self.results.setdefault(trial.trial_id, []).append(dict(result))
         rows = epoch_rows([result])
-        if rows:
-            log.info(
-                "trial %s: epoch %d/%d  val/accuracy %.4f",
-                trial.trial_id,
-                int(rows[0]["epoch"]) + 1,
-                self.recorder.epochs,
-                rows[0].get(MONITOR, float("nan")),
-            )
-        self._safely(
-            f"trial {trial.trial_id} epoch {result.get('epoch')}",
-            lambda: self.recorder.log_epochs(
-                self.recorder.run_id(trial.trial_id, trial.config), rows
-            ),
-        )
+        for row in rows:
+            epoch, accuracy = f"{int(row['epoch']) + 1}/{self.epochs}", row.get(MONITOR, nan)
+            log.info("trial %s: epoch %s  val/accuracy %.4f", trial.trial_id, epoch, accuracy)
+        with self._safely(f"trial {trial.trial_id} epoch {result.get('epoch')}"):
+            log_new_epochs(self.client, self.run_id(trial.trial_id, trial.config), rows)
 
-    def on_trial_complete(
-        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
-    ) -> None:
-        rows = epoch_rows(self.results.get(trial.trial_id, []))
-        done = int(trial.last_result.get(EPOCHS_DONE, len(rows)))
-        if done < self.recorder.epochs:
-            log.info(
-                "trial %s stopped early by ASHA after %d of %d epochs",
-                trial.trial_id,
-                done,
-                self.recorder.epochs,
-            )
-        self._safely(
-            f"end of trial {trial.trial_id}",
-            lambda: self.recorder.finish(trial.trial_id, trial.config, rows, "FINISHED"),
-        )
+    def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        self._end(trial, Trial.TERMINATED)
 
-    def on_trial_error(
-        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
-    ) -> None:
-        error = trial_error(trial)
-        log.warning("trial %s failed: %s", trial.trial_id, error)
-        rows = epoch_rows(self.results.get(trial.trial_id, []))
-        self._safely(
-            f"failure of trial {trial.trial_id}",
-            lambda: self.recorder.finish(trial.trial_id, trial.config, rows, "FAILED", error),
-        )
+    def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        self._end(trial, Trial.ERROR)
 
-
-def _run_status(trial: TrialSummary) -> str:
-    if trial.status == Trial.TERMINATED:
-        return "FINISHED"
-    return "FAILED" if trial.status == Trial.ERROR else "KILLED"
+    def _end(self, trial: Trial, status: str) -> None:
+        ended = TrialSummary.of(trial, epoch_rows(self.results.get(trial.trial_id, [])), status)
+        done = int(trial.last_result.get(EPOCHS_DONE, len(ended.rows)))
+        if ended.error:
+            log.warning("trial %s failed: %s", trial.trial_id, ended.error)
+        elif done < self.epochs:
+            stopped = "trial %s stopped early by ASHA after %d of %d epochs"
+            log.info(stopped, trial.trial_id, done, self.epochs)
+        with self._safely(f"end of trial {trial.trial_id}"):
+            self.finish(ended)
 
 
 def reconcile(recorder: TrialRecorder, trials: list[TrialSummary]) -> list[TrialSummary]:
-    """Make each child run agree with Tune's saved state: every epoch logged once, ended
-    trials FINISHED (or FAILED), trials an interruption cut short KILLED (resumable).
-    Returns the trials with the epochs their runs hold."""
+    """Make each child run agree with Tune's saved state (see `TrialRecorder.finish`), every
+    epoch logged once. Returns the trials with the epochs their runs hold."""
     recorded = []
     for trial in trials:
-        existing = recorder.find(trial.trial_id)
-        status = _run_status(trial)
+        existing, status = recorder.find(trial.trial_id), RUN_STATUS.get(trial.status, "KILLED")
         if existing is None and status == "KILLED" and not trial.rows:
-            recorded.append(trial)
-            continue  # never started
-        if existing is not None and existing.info.status == status and status != "KILLED":
-            recorder.log_epochs(existing.info.run_id, trial.rows)
-        elif status == "KILLED":
-            run_id = recorder.run_id(trial.trial_id, trial.config)
-            recorder.log_epochs(run_id, trial.rows)
-            recorder.client.set_terminated(run_id, status="KILLED")
+            recorded.append(trial)  # never started
+            continue
+        if existing is not None and existing.info.status == status != "KILLED":
+            run_id = existing.info.run_id
+            log_new_epochs(recorder.client, run_id, trial.rows)
         else:
-            recorder.finish(trial.trial_id, trial.config, trial.rows, status, trial.error)
+            run_id = recorder.finish(trial)
         # The run is the record: an epoch logged live can postdate Tune's last snapshot (a
         # hard kill) or ASHA's stop (the epoch in flight completes), and the search's summary
         # must agree with the child runs.
-        run = recorder.find(trial.trial_id)  # `run_id()` would reopen an ended run
-        rows = logged_history(recorder.client, run.info.run_id) if run else trial.rows
-        recorded.append(dataclasses.replace(trial, rows=rows))
+        recorded.append(replace(trial, rows=logged_history(recorder.client, run_id)))
     return recorded
 
 
-def resumable_search(
-    client: MlflowClient, experiment_id: str, name: str, fingerprint_now: str
-) -> tuple[Run | None, str | None, str]:
-    """(the latest search named `name`, the Tune experiment path to restore or None, why)."""
-    where = f"tags.`{ROLE_TAG}` = 'search' and tags.`{SEARCH_TAG}` = '{name}'"
+def restorable(
+    client: MlflowClient, experiment_id: str, search_name: str, fingerprint_now: str
+) -> tuple[str | None, str]:
+    """(the parent run of the unfinished search to restore or None, its Tune experiment)."""
+    where = f"tags.`{ROLE_TAG}` = 'search' and tags.`{SEARCH_TAG}` = '{search_name}'"
     previous = latest_run(client, experiment_id, where)
 
     def mismatch(run: Run) -> str | None:
@@ -283,86 +213,63 @@ def resumable_search(
             return f"left no Tune state to restore at {path}"
         return None
 
-    run_id, why = unfinished_decision(previous, "search", name, mismatch)
-    path = previous.data.tags.get(PATH_TAG) if run_id and previous else None
-    return previous, path, why
-
-
-def new_parent(
-    client: MlflowClient,
-    experiment_id: str,
-    params: Params,
-    name: ModelName,
-    search_name: str,
-    tags: dict[str, str],
-    concurrency: int,
-) -> str:
-    """A new search's parent run, with its space, params and `tags`."""
-    run = client.create_run(
-        experiment_id,
-        run_name=f"{search_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags=tags
-        | {
-            ROLE_TAG: "search",
-            SEARCH_TAG: search_name,
-            SPACE_TAG: json.dumps(describe_space(params.tune.model(name))),
-            "model_type": name,
-            "git_commit": git_commit(),
-        },
-    )
-    dumped = params.model_dump(mode="json")
-    logged = flatten(
-        {"seed": dumped["seed"], "prepare": dumped["prepare"], "tune": tune_section(params, name)}
-    ) | {"ray.max_concurrent_trials": str(concurrency)}
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in logged.items()])
-    return str(run.info.run_id)
-
-
-@dataclass(frozen=True)
-class OpenSearch:
-    """The search `tune_model` runs: its parent run, Tune experiment and whether restored."""
-
-    name: str
-    parent_run_id: str
-    path: str
-    restored: bool
+    parent_id, why = unfinished_decision(previous, "search", search_name, mismatch)
+    if previous is None:
+        return None, ""
+    log.info("%s: %s", why, "restoring it" if parent_id else "starting a new search")
+    return parent_id, previous.data.tags.get(PATH_TAG, "")
 
 
 def open_search(
-    client: MlflowClient,
-    experiment_id: str,
-    params: Params,
-    name: ModelName,
-    data_digest: str,
-    concurrency: int,
-    storage: str,
-    search_name: str,
-) -> OpenSearch:
+    uri: str, params: Params, name: ModelName, search_name: str, data_digest: str, concurrency: int
+) -> TrialRecorder:
     """The unfinished search of the same name, space, params and data, else a new one."""
-    space = params.tune.model(name)
+    ensure_experiment(uri, params.mlflow.experiment)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    assert experiment is not None
+    experiment_id, space = experiment.experiment_id, params.tune.model(name)
+    dumped = params.model_dump(mode="json")
+    storage = check_storage(params.train.storage_path).rstrip("/")
     fingerprint_now = fingerprint(params, name, data_digest)
-    previous, restore_path, why = resumable_search(
-        client, experiment_id, search_name, fingerprint_now
-    )
-    if previous is not None:
-        log.info("%s: %s", why, "restoring it" if restore_path else "starting a new search")
-    if previous is not None and restore_path:
-        ended = sum(t.status in TERMINAL for t in read_trials(restore_path))
+    parent_id, path = restorable(client, experiment_id, search_name, fingerprint_now)
+    if parent_id is not None:
+        ended = sum(t.ended for t in read_trials(path))
         log.info(
             "restoring unfinished search %s from %s (MLflow run %s): %d of %d trials "
             "ended, they are not rerun",
-            *(search_name, restore_path, previous.info.run_id, ended, space.num_samples),
+            *(search_name, path, parent_id, ended, space.num_samples),
         )
-        client.update_run(previous.info.run_id, status="RUNNING")
-        return OpenSearch(search_name, previous.info.run_id, restore_path, restored=True)
-    tags = {FINGERPRINT_TAG: fingerprint_now, "data.digest": data_digest}
-    parent_id = new_parent(client, experiment_id, params, name, search_name, tags, concurrency)
-    path = f"{storage.rstrip('/')}/{search_name}-{parent_id}"
-    client.set_tag(parent_id, PATH_TAG, path)
-    log.info(
-        "search %s: %d trials of %s, up to %d epochs each, %d at a time, %d Ray "
-        "worker(s) x %d CPU(s) per trial (MLflow run %s, Tune experiment %s)",
-        *(search_name, space.num_samples, name, space.epochs, concurrency),
-        *(params.tune.scaling.num_workers, params.tune.scaling.cpus_per_worker, parent_id, path),
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        tags = {
+            ROLE_TAG: "search",
+            SEARCH_TAG: search_name,
+            FINGERPRINT_TAG: fingerprint_now,
+            "data.digest": data_digest,
+            "tune.search_space": json.dumps(describe_space(space)),
+            "model_type": name,
+            "git_commit": git_commit(),
+        }
+        run_name = f"{search_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        parent_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        path = f"{storage}/{search_name}-{parent_id}"
+        shown = {
+            "seed": dumped["seed"],
+            "prepare": dumped["prepare"],
+            "tune": tune_section(params, name),
+        }
+        logged = flatten(shown) | {"ray.max_concurrent_trials": str(concurrency)}
+        batch = [Param(k, v) for k, v in logged.items()]
+        client.log_batch(parent_id, params=batch, tags=[RunTag(PATH_TAG, path)])
+        scaling = params.tune.scaling
+        log.info(
+            "search %s: %d trials of %s, up to %d epochs each, %d at a time, %d Ray "
+            "worker(s) x %d CPU(s) per trial (MLflow run %s, Tune experiment %s)",
+            *(search_name, space.num_samples, name, space.epochs, concurrency),
+            *(scaling.num_workers, scaling.cpus_per_worker, parent_id, path),
+        )
+    limit, epochs = params.tune.train_limit, space.epochs
+    return TrialRecorder(
+        uri, experiment_id, parent_id, search_name, name, epochs, dumped, limit, path
     )
-    return OpenSearch(search_name, parent_id, path, restored=False)
