@@ -4,10 +4,12 @@ training tracks and checkpoints into it and survives its servers' faults, DVC pu
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,8 @@ import yaml
 
 from testkit.cluster import clean_env
 from testkit.processes import free_port
-from testkit.stack import Stack, running_stack
+from testkit.stack import Stack
 from tests.conftest import SMALL, raw_params, with_overrides
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("stack")) as running:
-        yield running
 
 
 def _params_file(folder: Path, data_root: Path, **overrides: object) -> Path:
@@ -112,3 +108,179 @@ def test_bad_credentials_or_setup_stop_before_ray_or_any_run(
     assert time.monotonic() - started < 60
     assert len(_runs(stack)) == runs_before, "refused before any MLflow run was created"
     assert not (tmp_path / "models").exists()
+
+
+# --- a training on the stack, and its servers' faults -------------------------------------
+
+EPOCHS = 6
+ALL_EPOCHS = list(range(EPOCHS))
+
+
+def _start(params: Path, env: dict[str, str], run_name: str, log: Path) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "pipeline", "train", "-m", "mlp", "--params", str(params)]
+    return subprocess.Popen(
+        [*command, "--run-name", run_name],
+        env=clean_env(**env),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for_line(log: Path, text: str, process: subprocess.Popen[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {text!r} in the training's log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _finish(process: subprocess.Popen[str], log: Path, timeout_s: float = 600) -> str:
+    try:
+        process.wait(timeout=timeout_s)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return log.read_text(errors="replace")
+
+
+def _the_run(stack: Stack, run_name: str) -> Any:
+    runs = [r for r in _runs(stack) if r.data.params.get("ray.run_name") == run_name]
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def _steps(stack: Stack, run_id: str, key: str = "val/accuracy") -> list[int]:
+    """The steps of a metric in the order MLflow stored them."""
+    with stack.mlflow.client() as client:
+        return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def _profile(tmp_path: Path, data_root: Path, run_name: str) -> Path:
+    return _params_file(
+        tmp_path,
+        data_root,
+        **{"train.mlp.epochs": EPOCHS, "train.storage_path": f"s3://mnist-dvc/ray/{run_name}"},
+    )
+
+
+def test_training_tracks_into_mlflow_and_checkpoints_into_the_bucket(
+    stack: Stack, data_root: Path, tmp_path: Path
+) -> None:
+    params = _profile(tmp_path, data_root, "plain")
+    done = _train(params, stack.env(), "--run-name", "plain")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run = _the_run(stack, "plain")
+    assert run.info.status == "FINISHED"
+    assert _steps(stack, run.info.run_id) == ALL_EPOCHS
+    # The artifacts went through MLflow's proxy into its bucket, the checkpoints into the other.
+    artifacts = stack.s3.keys("mlflow-artifacts")
+    assert any(k.endswith("MLmodel") for k in artifacts), artifacts[:20]
+    assert any(run.info.run_id in k for k in artifacts)
+    checkpoints = stack.s3.keys("mnist-dvc", f"ray/plain/plain-{run.info.run_id}/")
+    assert any(k.endswith("checkpoint.ckpt") for k in checkpoints), checkpoints
+    assert (tmp_path / "models" / "mlp" / "model.pt").is_file()
+
+
+def test_mlflow_killed_mid_training_and_back_30_s_later_loses_nothing(
+    stack: Stack, data_root: Path, tmp_path: Path
+) -> None:
+    params = _profile(tmp_path, data_root, "outage")
+    log = tmp_path / "train.log"
+    process = _start(params, stack.env(), "outage", log)
+    _wait_for_line(log, f"epoch 2/{EPOCHS}", process, 300)
+    stack.mlflow.server.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    try:
+        time.sleep(30)
+    finally:
+        stack.mlflow.server.start()
+    outage_s = time.monotonic() - killed
+    output = _finish(process, log)
+
+    assert process.returncode == 0, output[-3000:]
+    assert outage_s >= 30
+    run = _the_run(stack, "outage")
+    assert run.info.status == "FINISHED"
+    assert _steps(stack, run.info.run_id) == ALL_EPOCHS, "every epoch once, in order"
+    assert run.data.tags["model_uri"].startswith("models:/")
+    assert (tmp_path / "models" / "mlp" / "model.pt").is_file()
+
+
+def test_mlflow_still_down_when_training_ends_fails_clearly_and_the_rerun_finishes(
+    stack: Stack, data_root: Path, tmp_path: Path
+) -> None:
+    params = _profile(tmp_path, data_root, "down")
+    log = tmp_path / "train.log"
+    env = stack.env() | {"TRACKING_WAIT_S": "5"}
+    process = _start(params, env, "down", log)
+    _wait_for_line(log, f"epoch 2/{EPOCHS}", process, 300)
+    stack.mlflow.server.stop(signal.SIGKILL)
+    try:
+        output = _finish(process, log)
+    finally:
+        stack.mlflow.server.start()
+
+    assert process.returncode == 1, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert "unreachable for 5 s after training" in errors[0]
+    assert "rerun the same command" in errors[0]
+    assert not (tmp_path / "models").exists(), "nothing exported while MLflow is down"
+    assert stack.s3.keys("mnist-dvc", "ray/down/"), "the checkpoints stay"
+
+    again = _train(params, stack.env(), "--run-name", "down")
+    assert again.returncode == 0, again.stderr[-3000:]
+    run = _the_run(stack, "down")
+    assert run.info.status == "FINISHED"
+    assert _steps(stack, run.info.run_id) == ALL_EPOCHS
+    assert (tmp_path / "models" / "mlp" / "model.pt").is_file()
+
+
+def test_postgresql_restarted_mid_training_loses_nothing(
+    stack: Stack, data_root: Path, tmp_path: Path
+) -> None:
+    params = _profile(tmp_path, data_root, "pg")
+    log = tmp_path / "train.log"
+    process = _start(params, stack.env(), "pg", log)
+    _wait_for_line(log, f"epoch 2/{EPOCHS}", process, 300)
+    stack.postgres.stop("immediate")
+    try:
+        time.sleep(5)
+    finally:
+        stack.postgres.start()
+    output = _finish(process, log)
+
+    assert process.returncode == 0, output[-3000:]
+    run = _the_run(stack, "pg")
+    assert run.info.status == "FINISHED"
+    assert _steps(stack, run.info.run_id) == ALL_EPOCHS
+
+
+def test_killed_driver_resumes_from_its_checkpoint_in_the_bucket(
+    stack: Stack, data_root: Path, tmp_path: Path
+) -> None:
+    params = _profile(tmp_path, data_root, "resume")
+    log = tmp_path / "first.log"
+    process = _start(params, stack.env(), "resume", log)
+    _wait_for_line(log, f"epoch 3/{EPOCHS}", process, 300)
+    _wait_for_line(log, "Checkpoint successfully created", process, 60)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+    _finish(process, log)
+    first = _the_run(stack, "resume")
+    assert first.info.status == "RUNNING"
+    assert stack.s3.keys("mnist-dvc", f"ray/resume/resume-{first.info.run_id}/")
+
+    again = _train(params, stack.env(), "--run-name", "resume")
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = re.search(r"resuming run resume \(MLflow run (\w+)\) from epoch (\d+)", again.stderr)
+    assert resumed is not None, again.stderr[-3000:]
+    assert resumed.group(1) == first.info.run_id
+    assert int(resumed.group(2)) >= 1, "from a checkpoint in the bucket, not from scratch"
+    run = _the_run(stack, "resume")
+    assert run.info.status == "FINISHED"
+    assert _steps(stack, run.info.run_id) == ALL_EPOCHS
