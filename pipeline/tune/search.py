@@ -26,7 +26,7 @@ from pipeline.data.atomic import write_json, write_text
 from pipeline.data.prepared import SplitArrays, open_prepared
 from pipeline.tracking.runs import ensure_reachable, failure_line, tracking_uri
 from pipeline.training.driver import RUN_NAME
-from pipeline.training.ray_env import ray_session, resolve_scaling
+from pipeline.training.ray_env import check_object_store, ray_session, resolve_scaling
 from pipeline.training.worker import MONITOR, WorkerData
 from pipeline.tune.space import apply_command, overrides, trial_params, tune_space
 from pipeline.tune.trial import ResumingASHA, TrialSetup, TrialSummary, read_trials, run_trial
@@ -126,6 +126,7 @@ def tune_model(
     data = open_prepared(Path(params.paths.prepared))
     uri = tracking_uri(settings)
     ensure_reachable(uri)
+    check_object_store(params.train.storage_path)
     trial_base = trial_params(params, name)
     train = train_subset(data.load("train"), params.tune.train_limit, params.seed)
     with ray_session(settings.ray_address):
