@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
 import pytest
 import yaml
 
 from testkit.cluster import clean_env
 from testkit.processes import free_port
 from testkit.stack import Stack
-from tests.conftest import SMALL, raw_params, with_overrides
+from tests.conftest import SMALL, Registry, raw_params, register_model, with_overrides
 
 
 def _params_file(folder: Path, data_root: Path, **overrides: object) -> Path:
@@ -284,3 +286,141 @@ def test_killed_driver_resumes_from_its_checkpoint_in_the_bucket(
     run = _the_run(stack, "resume")
     assert run.info.status == "FINISHED"
     assert _steps(stack, run.info.run_id) == ALL_EPOCHS
+
+
+# --- serving from the stack ----------------------------------------------------------------
+
+
+def _register(stack: Stack, registry: Registry) -> str:
+    """The session's trained CNN logged and registered in the stack, as the trainer; promoted."""
+    from pipeline.data.prepared import open_prepared
+    from pipeline.registry.versions import promote
+
+    test = open_prepared(Path(registry.params.paths.prepared)).load("test")
+    example = test.images[:2].astype(np.float32) / 255.0
+    name = registry.name
+    with stack.mlflow.client(stack.mlflow.trainer) as client:
+        version = register_model(stack.mlflow.url, name, registry.net, example, 0.98)
+        promote(client, name, version, pause_s=0.0)
+    return version
+
+
+def _digits(url: str, images: np.ndarray) -> list[int]:
+    reply = httpx.post(f"{url}/v1/predict", json={"images": images.tolist()}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    return [p["digit"] for p in reply.json()["predictions"]]
+
+
+def _serve(stack: Stack, root: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = clean_env(
+        **stack.mlflow.env(stack.mlflow.serving),
+        SERVING_CACHE_DIR=str(root / "cache"),
+        SERVING_POLL_INTERVAL_S="1",
+        SERVING_RETRY_FAILED_AFTER_S="1",
+    )
+    command = [sys.executable, "-m", "pipeline", "serve", "--port", str(port)]
+    process = subprocess.Popen(
+        command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _status(url: str, path: str) -> int:
+    try:
+        return httpx.get(f"{url}{path}", timeout=5).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def _until(check: Any, timeout_s: float, what: str, log: Path | None = None) -> float:
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout_s:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            pytest.fail(f"{what}: not within {timeout_s} s\n{tail}")
+        time.sleep(0.25)
+    return time.monotonic() - started
+
+
+def test_serving_pulls_from_the_stack_and_outlives_an_mlflow_outage(
+    stack: Stack, registry: Registry, tmp_path: Path
+) -> None:
+    from pipeline.data.prepared import open_prepared
+
+    test = open_prepared(Path(registry.params.paths.prepared)).load("test")
+    images, labels = test.images[:200].astype(np.float32) / 255.0, test.labels[:200]
+    first = _register(stack, registry)
+    process, url = _serve(stack, tmp_path, tmp_path / "serve.log")
+    try:
+        _until(lambda: _status(url, "/health/ready") == 200, 180, "ready", tmp_path / "serve.log")
+        assert np.mean(np.array(_digits(url, images)) == labels) > 0.9
+
+        stack.mlflow.server.stop(signal.SIGKILL)
+        try:
+            time.sleep(3)  # a few polls fail
+            assert _status(url, "/health/ready") == 200
+            assert httpx.get(f"{url}/v1/model").json()["version"] == first
+            assert np.mean(np.array(_digits(url, images)) == labels) > 0.9
+        finally:
+            stack.mlflow.server.start()
+        second = _register(stack, registry)
+        _until(
+            lambda: httpx.get(f"{url}/v1/model").json()["version"] == second,
+            60,
+            "the new champion served after MLflow came back",
+        )
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_serving_started_while_mlflow_is_down_waits_until_it_is_back(
+    stack: Stack, registry: Registry, tmp_path: Path
+) -> None:
+    _register(stack, registry)
+    stack.mlflow.server.stop(signal.SIGKILL)
+    process, url = _serve(stack, tmp_path, tmp_path / "serve.log")
+    try:
+        try:
+            _until(lambda: _status(url, "/health/live") == 200, 120, "live")
+            time.sleep(5)
+            assert _status(url, "/health/ready") == 503
+            assert process.poll() is None, "no crash while MLflow is down"
+        finally:
+            stack.mlflow.server.start()
+        _until(lambda: _status(url, "/health/ready") == 200, 120, "ready once MLflow is back")
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_mlflow_models_serve_answers_with_the_serving_credentials(
+    stack: Stack, registry: Registry, tmp_path: Path
+) -> None:
+    from pipeline.data.prepared import open_prepared
+
+    _register(stack, registry)
+    test = open_prepared(Path(registry.params.paths.prepared)).load("test")
+    port = free_port()
+    env = clean_env(**stack.mlflow.env(stack.mlflow.serving))
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m"]
+    command += [f"models:/{registry.name}@champion", "--env-manager", "local", "-w", "1"]
+    command += ["-h", "127.0.0.1", "-p", str(port)]
+    log = tmp_path / "mlflow-serve.log"
+    process = subprocess.Popen(
+        command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _until(
+            lambda: _status(url, "/ping") == 200, 180, f"mlflow models serve:\n{log.read_text()}"
+        )
+        images = test.images[:50].astype(np.float32) / 255.0
+        reply = httpx.post(f"{url}/invocations", json={"inputs": images.tolist()}, timeout=60)
+        assert reply.status_code == 200, reply.text[:500]
+        digits = np.asarray(reply.json()["predictions"]).argmax(axis=1)
+        assert np.mean(digits == test.labels[:50]) > 0.9
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
