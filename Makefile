@@ -42,12 +42,12 @@ clean: ## Remove pipeline outputs (not .venv, the DVC cache or the MLflow store)
 	rm -rf data models metrics plots reports .ray_results dvc_plots
 
 bench: install ## Run the benchmarks, results in bench/results/ (about an hour on 2 CPUs)
-	$(VENV)/bin/python bench/training.py
-	$(VENV)/bin/python bench/pipeline.py
-	$(VENV)/bin/python bench/serving.py
+	$(VENV)/bin/python -m bench.training.run
+	$(VENV)/bin/python -m bench.pipeline
+	$(VENV)/bin/python -m bench.serving.run
 	@if $(VENV)/bin/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; \
-	then $(VENV)/bin/python bench/gpu.py; else echo "no CUDA device: bench/gpu.py skipped"; fi
-	$(VENV)/bin/python bench/accuracy.py
+	then $(VENV)/bin/python -m bench.gpu; else echo "no CUDA device: bench.gpu skipped"; fi
+	$(VENV)/bin/python -m bench.accuracy
 
 ui: install ## Browse the MLflow UI of the embedded store (http://127.0.0.1:5000)
 	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000

@@ -1,17 +1,9 @@
-"""What the training, pipeline and accuracy benchmarks share: the machine's record, the CPU
-other processes took while we measured, the float32 GEMM ceiling, data and params in a
-scratch folder, and the results files.
+"""What the benchmarks share: machine record, CPU accounting, data, fresh-process training."""
 
-Not a benchmark itself; `bench/training.py`, `bench/pipeline.py` and `bench/accuracy.py`
-import it (they put `bench/` and the repo on `sys.path`).
-"""
-
-from __future__ import annotations
-
+import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -19,314 +11,163 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-# The repo first: `python bench/x.py` from anywhere imports the project, and the project's
-# `pipeline` package wins over this folder's `pipeline.py` (the script's folder is on the path).
-sys.path.insert(0, str(REPO))
-
 RESULTS = REPO / "bench" / "results"
 DISTURBED_PCT = 15.0  # other processes' CPU use (% of one CPU) that makes a row suspect
-
-
-# --------------------------------------------------------------------------- the machine
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{head}-dirty" if dirty else head
-
-
-def busy_processes(limit: int = 5) -> list[str]:
-    """The busiest other processes right now (name and % of one CPU over 0.5 s): what the
-    `other CPU` column was, when a row is disturbed."""
-    own = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
-    procs = [p for p in psutil.process_iter(["name", "cmdline"]) if p.pid not in own]
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.cpu_percent(None)
-    time.sleep(0.5)
-    busy: list[tuple[float, str]] = []
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            pct = proc.cpu_percent(None)
-            if pct >= 5:
-                cmd = " ".join(proc.info["cmdline"] or [proc.info["name"] or "?"])
-                busy.append((pct, f"{pct:.0f}% {cmd[:90]}"))
-    return [text for _, text in sorted(busy, reverse=True)[:limit]]
+DISTURBED = "{}: other processes used {:.0f}% of a CPU (the row is disturbed)"
 
 
 def environment() -> dict[str, Any]:
+    """The machine, the versions, the commit and the load: the report's first line."""
     import torch
 
-    versions = {}
-    for name in ("torch", "lightning", "ray", "mlflow", "dvc", "numpy"):
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
+    from pipeline.tracking.lineage import git_commit
 
-            versions[name] = version(name)
-    return {
-        "machine": platform.platform(),
-        "cpu": cpu_model(),
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-        "versions": versions,
-        "git_commit": git_commit(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "busy_processes_at_start": busy_processes(),
-    }
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    models = [line.split(":")[1].strip() for line in cpuinfo if line.startswith("model name")]
+    with contextlib.chdir(REPO):
+        commit = git_commit()
+    env: dict[str, Any] = {"cpu": models[0] if models else "unknown", "cpus": os.cpu_count()}
+    env |= {"memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    env |= {"python": sys.version.split()[0], "torch_threads": torch.get_num_threads()}
+    env["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    env["versions"] = {name: version(name) for name in ("torch", "lightning", "ray", "mlflow")}
+    env["commit"] = "commit " + commit[:10] + commit[40:]  # short, and -dirty
+    return env | {"load": ", ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
-# --------------------------------------------------------------------------- CPU accounting
-
-
-def _busy_cpu_s() -> float:
+def busy_cpu_s() -> float:
     """CPU seconds the whole machine has been busy (all CPUs, not idle or waiting on I/O)."""
     times = psutil.cpu_times()
     return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
-@dataclass
-class CpuShare:
-    """Wall time of a block, and the CPU that this process tree and everything else used."""
-
-    wall_s: float = 0.0
-    own_cpu_s: float = 0.0
-    other_cpu_s: float = 0.0
-
-    @property
-    def own_pct(self) -> float:  # of one CPU
-        return 100 * self.own_cpu_s / self.wall_s if self.wall_s else float("nan")
-
-    @property
-    def other_pct(self) -> float:  # of one CPU
-        return max(0.0, 100 * self.other_cpu_s / self.wall_s) if self.wall_s else float("nan")
-
-
-@dataclass
-class _TreeSampler:
-    """CPU time of this process and all its descendants (a local Ray's raylet, workers and
-    actors are descendants of the driver that started it), sampled every `interval_s` so that
-    processes that exit before the block ends (Ray workers) still count."""
-
-    interval_s: float = 0.25
-    seen: dict[tuple[int, float], tuple[float, float]] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def sample(self) -> None:
-        root = psutil.Process()
-        with contextlib.suppress(psutil.Error):
-            for proc in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    times = proc.cpu_times()
-                    key = (proc.pid, proc.create_time())
-                    now = times.user + times.system
-                    # Born during the block: all its CPU time is the block's.
-                    first = self.seen.get(key, (0.0, now))[0]
-                    self.seen[key] = (first, now)
-
-    def run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def used_s(self) -> float:
-        return sum(last - first for first, last in self.seen.values())
-
-
 class CpuMeter:
-    """The cheap form, for work inside this process: its CPU (all threads) against the
-    machine's busy time, from creation to `stop()`."""
+    """A process tree's CPU seconds until `stop()`, sampled every `sample_s` (exits count)."""
 
-    def __init__(self) -> None:
-        self._wall = time.perf_counter()
-        self._busy = _busy_cpu_s()
-        self._own = time.process_time()
+    def __init__(self, pid: int | None = None, sample_s: float | None = None) -> None:
+        self.root, self.seen = psutil.Process(pid), dict[tuple[int, float], list[float]]()
+        self._note(born=False)
+        self.wall_s, self.busy_s, self.own_s = time.perf_counter(), busy_cpu_s(), 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, args=(sample_s,), daemon=True)
+        if sample_s:
+            self.thread.start()
 
-    def stop(self) -> CpuShare:
-        own = time.process_time() - self._own
-        return CpuShare(
-            wall_s=time.perf_counter() - self._wall,
-            own_cpu_s=own,
-            other_cpu_s=_busy_cpu_s() - self._busy - own,
-        )
+    def _note(self, born: bool) -> None:
+        """Each process's CPU seconds: [at the start (0 if `born` since), last seen]."""
+        with contextlib.suppress(psutil.Error):  # one gone meanwhile: the next note goes on
+            for proc in [self.root, *self.root.children(recursive=True)]:
+                times, key = proc.cpu_times(), (proc.pid, proc.create_time())
+                now = times.user + times.system
+                self.seen.setdefault(key, [0.0 if born else now, now])[1] = now
 
+    def _sample(self, every_s: float) -> None:  # in the thread
+        while not self.done.wait(every_s):
+            self._note(born=True)
 
-@contextlib.contextmanager
-def cpu_share() -> Iterator[CpuShare]:
-    """Measure a block: its wall time, this process tree's CPU and the rest of the machine's
-    (busy CPU time minus ours; near 0 when nothing else runs)."""
-    share = CpuShare()
-    sampler = _TreeSampler()
-    # Processes alive at the start count from their CPU time then; later ones from zero.
-    root = psutil.Process()
-    for proc in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            now = times.user + times.system
-            sampler.seen[(proc.pid, proc.create_time())] = (now, now)
-    thread = threading.Thread(target=sampler.run, name="bench-cpu-sampler", daemon=True)
-    machine_before, started = _busy_cpu_s(), time.perf_counter()
-    thread.start()
-    try:
-        yield share
-    finally:
-        sampler._stop.set()
-        thread.join()
-        sampler.sample()
-        share.wall_s = time.perf_counter() - started
-        share.own_cpu_s = sampler.used_s()
-        share.other_cpu_s = _busy_cpu_s() - machine_before - share.own_cpu_s
+    def stop(self) -> Self:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        self._note(born=True)
+        self.wall_s, self.busy_s = time.perf_counter() - self.wall_s, busy_cpu_s() - self.busy_s
+        self.own_s = sum(last - first for first, last in self.seen.values())
+        return self
+
+    @property
+    def other_pct(self) -> float:  # what everything else used, % of one CPU
+        return max(0.0, 100 * (self.busy_s - self.own_s) / self.wall_s)
 
 
-# --------------------------------------------------------------------------- the ceiling
+def disturbed(rows: Iterable[dict[str, Any]], *names: str) -> list[str]:
+    """A note for each row during which other processes used DISTURBED_PCT or more."""
+    busy = (r for r in rows if r["other_cpu_pct"] >= DISTURBED_PCT)
+    return [DISTURBED.format(" ".join(str(r[n]) for n in names), r["other_cpu_pct"]) for r in busy]
 
 
-def gemm_flops(threads: int | None = None, size: int = 2048, seconds: float = 2.0) -> float:
-    """Float32 matrix-multiply FLOP/s of torch on `threads` threads (default: torch's), the
-    best of repeated `size`-square products for about `seconds`: what the machine's BLAS
-    reaches, the ceiling a training run's FLOP/s are compared to. The best, not the mean: a
-    burst of foreign load can only lower a repetition."""
+def gemm_flops(size: int = 2048, seconds: float = 2.0) -> float:
+    """Float32 `torch.mm` FLOP/s on torch's threads: the best of `size`² products for `seconds`."""
     import torch
 
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        out = torch.empty(size, size)
-        torch.mm(a, b, out=out)  # warm-up: MKL's buffers, the threads
-        best = float("inf")
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            torch.mm(a, b, out=out)
-            best = min(best, time.perf_counter() - start)
-        return 2 * size**3 / best
-    finally:
-        torch.set_num_threads(previous)
-
-
-# --------------------------------------------------------------------------- data and params
-
-
-def mirror_folder() -> str:
-    from testkit.data import mirror_folder as folder
-
-    return str(folder())
-
-
-def repo_params_raw() -> dict[str, Any]:
-    from testkit.data import raw_params
-
-    return raw_params()
+    a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
+    torch.mm(a, b, out=out)  # warm-up: MKL's buffers, the threads
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def scratch_params(root: Path, overrides: dict[str, Any], prepared: Path | None = None) -> Any:
-    """The repo's params with every output path under `root` (and the prepared data at
-    `prepared` when given), then `overrides`; validated like every command does."""
+    """The repo's params, every output path under `root`, the prepared data at `prepared`."""
     from testkit.data import params_under
 
     where = {} if prepared is None else {"paths.prepared": str(prepared)}
     return params_under(root, where | overrides, "benchmark params")
 
 
-def prepared_data(root: Path, train_limit: int | None, test_limit: int | None = None) -> Path:
-    """A prepared data folder: the repo's `data/prepared` when it is there and the full data
-    is asked for (read only), else the pipeline's own fetch and prepare stages into `root`."""
-    from pipeline.data.prepared import open_prepared
+def prepared_data(root: Path, train_limit: int | None) -> Path:
+    """MNIST through the pipeline's fetch and prepare into `root`, all or `train_limit` images."""
     from testkit.data import fetch_and_prepare
 
-    repo_prepared = REPO / "data" / "prepared"
-    if train_limit is None and test_limit is None and (repo_prepared / "manifest.json").is_file():
-        with contextlib.suppress(Exception):
-            data = open_prepared(repo_prepared)
-            defaults = scratch_params(root, {})
-            if data.sizes.get("val") == defaults.prepare.val_size:
-                return repo_prepared
-    overrides: dict[str, Any] = {"prepare.train_limit": train_limit, "prepare.test_limit": None}
-    if test_limit is not None:
-        overrides["prepare.test_limit"] = test_limit
-    if train_limit is not None:
-        overrides["prepare.val_size"] = max(200, train_limit // 10)
-    params = scratch_params(root, overrides)
-    if not (Path(params.paths.prepared) / "manifest.json").is_file():
-        fetch_and_prepare(params)
+    limits = {"prepare.train_limit": train_limit, "prepare.test_limit": None}
+    if train_limit:
+        limits["prepare.val_size"] = max(200, train_limit // 10)
+    params = scratch_params(root, limits)
+    fetch_and_prepare(params)
     return Path(params.paths.prepared)
 
 
-def init_store(uri: str, experiment: str) -> None:
-    """Create the MLflow store and experiment before a measured run: a new SQLite store's
-    schema migrations take seconds once, which a user's existing store does not pay."""
+def train_fresh(params: Any, model: str, folder: Path, name: str, evaluate: bool = False) -> Any:
+    """`train_model` in a fresh process (`bench.train_run`): its result, a CpuMeter of its tree."""
     from pipeline.tracking.runs import ensure_experiment
 
-    ensure_experiment(uri, experiment)
-
-
-# --------------------------------------------------------------------------- output
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    if value is None or value != value:
-        return "-"
-    return f"{value:,.{digits}f}"
-
-
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through `finally`: what the run started stops
-
-
-def begin(kind: str, workdir: Path | None) -> tuple[str, Path]:
-    """A benchmark's start: SIGTERM and SIGHUP end it through its `finally` blocks; returns
-    the start time and its work folder (`workdir`, else a new temporary one)."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
-    folder = workdir or Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
     folder.mkdir(parents=True, exist_ok=True)
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z"), folder
+    job, log, uri = folder / f"{name}.json", folder / f"{name}.log", f"sqlite:///{folder}/mlflow.db"
+    ensure_experiment(uri, params.mlflow.experiment)  # a new store migrates its schema once
+    spec = {"params": params.model_dump(mode="json"), "model": model, "uri": uri, "name": name}
+    job.write_text(json.dumps(spec | {"evaluate": evaluate}))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    with log.open("wb") as sink:
+        meter = CpuMeter(sample_s=0.25)
+        command = [sys.executable, "-m", "bench.train_run", str(job)]
+        done = subprocess.run(command, cwd=folder, env=env, stdout=sink, stderr=sink)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed ({log}):\n{log.read_text()[-4000:]}")
+    return json.loads(job.with_suffix(".out.json").read_text()), meter.stop()
 
 
-def finish(workdir: Path, keep: bool, markdown: str) -> None:
-    """Print the report; remove the work folder unless the user named it (`keep`)."""
-    print(markdown)
-    if not keep:
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    found = argparse.ArgumentParser(description=doc)
+    found.add_argument("--workdir", type=Path, help="keep data, stores, logs here (else: temp)")
+    found.add_argument("--out-dir", type=Path, default=RESULTS, help="for the results files")
+    return found
+
+
+def begin(kind: str, args: argparse.Namespace, argv: list[str] | None) -> Any:
+    """Report (time, arguments, environment) and work folder; SIGTERM/SIGHUP run the `finally`s."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
+    folder = args.workdir or Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"workdir {folder}")
+    report = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": environment()}
+    return report | {"argv": sys.argv[1:] if argv is None else argv}, folder
+
+
+def finish(args: argparse.Namespace, workdir: Path) -> None:
+    if not args.workdir:  # not named by the user
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def write_results(name: str, report: dict[str, Any], markdown: str, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / f"{name}.md").write_text(markdown)
-    print(f"[bench] wrote {out_dir / name}.json and .md", flush=True)
 
 
 def log(message: str) -> None:

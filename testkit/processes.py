@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from testkit.data import REPO
@@ -51,21 +53,61 @@ def wait_for_http(
 
 @contextmanager
 def running(
-    command: list[str], url: str, log: Path, env: dict[str, str] | None = None
+    command: list[str],
+    url: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 90,
+    *,
+    fail_marker: str | None = None,
+    cpus: set[int] | None = None,
+    group: bool = False,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server process for the block (given to it, e.g. for its pid), once `url`
-    answers; stop it afterwards."""
+    answers; stop it afterwards. `cpus`: pinned to them (what it starts inherits it);
+    `group`: in its own process group, all of which is stopped (SIGTERM, SIGKILL after 20 s)."""
+
+    def pin() -> None:  # in the child, before exec
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=group,
+            preexec_fn=pin if cpus else None,
+        )
         try:
-            wait_for_http(url, process, log)
+            wait_for_http(url, process, log, timeout_s, fail_marker)
             yield process
         finally:
-            process.terminate()
+            (_stop_group if group else _stop)(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process group, SIGKILL if any of it is left after 20 s."""
+    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            process.poll()
             try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def copy_repo(target: Path) -> None:

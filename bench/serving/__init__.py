@@ -1,0 +1,1 @@
+"""Serving benchmark: `load` (the load generator), `run` (the runner), `report`."""

@@ -1,0 +1,1 @@
+"""Training benchmark: `loops` (the reference loop, Lightning), `run` (the runner), `report`."""
