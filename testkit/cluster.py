@@ -19,9 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from testkit.processes import free_port
+from testkit.processes import clean_env, free_port
 
-VENV_BIN = str(Path(sys.executable).parent)
 CAN_MASK = os.geteuid() == 0 and shutil.which("unshare") is not None
 # Two nodes importing Ray on a busy 2-core machine can take minutes to answer a first driver.
 START_DEADLINE_S = 240.0
@@ -34,12 +33,6 @@ class Cluster:
     token: str
     local_folder: Path  # hidden from the second node
     shared_folder: Path  # seen by both nodes
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without Ray's and MLflow's settings, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    return env | {"PATH": f"{VENV_BIN}{os.pathsep}{env['PATH']}"} | extra
 
 
 def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +15,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from testkit.data import REPO
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without anything that points a child elsewhere (Ray's,
+    MLflow's and S3 settings), the venv's tools first on PATH, plus `extra`."""
+    prefixes = ("RAY_", "MLFLOW_", "AWS_", "S3_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    return env | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"} | extra
 
 
 def free_port() -> int:

@@ -8,13 +8,35 @@ from typing import Any
 from pipeline.config.params import Params
 
 
+def fit_plain(
+    module: Any, train: Any, batch_size: int, epochs: int, callbacks: list[Any] | None = None
+) -> None:
+    """Fit a LightningModule on a split's arrays with a plain CPU `pl.Trainer` (no Ray)."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(train.images), torch.from_numpy(train.labels).long()),
+        batch_size=batch_size,
+        shuffle=True,
+    )
+    pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks or [],
+    ).fit(module, loader)
+
+
 def train_cnn(params: Params) -> tuple[Any, float, Any]:
     """Fit `params`' CNN on its prepared training split with a plain `pl.Trainer`; returns
     the network (eval mode), its test accuracy and a two-image input example."""
     import lightning.pytorch as pl
     import numpy as np
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
 
     from pipeline.data.prepared import open_prepared
     from pipeline.evaluate import evaluate
@@ -26,20 +48,7 @@ def train_cnn(params: Params) -> tuple[Any, float, Any]:
     config = params.train.cnn
     norm = data.normalization
     net = build_network("cnn", config.net.model_dump(), norm.mean, norm.std)
-    train = data.load("train")
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(train.images), torch.from_numpy(train.labels).long()),
-        batch_size=config.batch_size,
-        shuffle=True,
-    )
-    pl.Trainer(
-        max_epochs=config.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(Classifier(net, config), loader)
+    fit_plain(Classifier(net, config), data.load("train"), config.batch_size, config.epochs)
     net.eval()
     example = data.load("val").images[:2].astype(np.float32) / 255.0
     return net, evaluate(net, data.load("test")).accuracy, example

@@ -26,9 +26,8 @@ from typing import Any
 from unittest import mock
 
 from testkit.data import REPO
-from testkit.processes import free_port
+from testkit.processes import clean_env, free_port
 
-VENV_BIN = Path(sys.executable).parent
 BUCKETS = ("mlflow-artifacts", "mnist-dvc")
 
 
@@ -55,12 +54,6 @@ def _pg(tool: str) -> str:
 
 def _tail(log: Path, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.is_file() else ""
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """This process's environment without anything that would point a server elsewhere."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "S3_"))}
-    return keep | {"PATH": f"{VENV_BIN}{os.pathsep}{keep['PATH']}"} | extra
 
 
 def _wait(
@@ -112,7 +105,7 @@ class Server:
             return
         os.killpg(self.process.pid, sig)
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=45)  # weed takes about 30 s to stop cleanly
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
@@ -252,7 +245,7 @@ def seaweedfs(root: Path) -> S3:
     admin = S3Keys("stack-admin", secrets.token_hex(16))
     app = S3Keys("stack-app", secrets.token_hex(16))
     port = _port_pair()
-    env = _env(
+    env = clean_env(
         S3_ADMIN_ACCESS_KEY=admin.access_key,
         S3_ADMIN_SECRET_KEY=admin.secret_key,
         S3_APP_ACCESS_KEY=app.access_key,
@@ -272,7 +265,7 @@ def seaweedfs(root: Path) -> S3:
 
 
 def create_buckets(s3: S3) -> None:
-    env = _env(
+    env = clean_env(
         AWS_ENDPOINT_URL=s3.endpoint,
         S3_ADMIN_ACCESS_KEY=s3.admin.access_key,
         S3_ADMIN_SECRET_KEY=s3.admin.secret_key,
@@ -320,7 +313,7 @@ def mlflow_server(root: Path, postgres: Postgres, s3: S3) -> Mlflow:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     admin = Login("admin", secrets.token_hex(12))
-    env = _env(
+    env = clean_env(
         MLFLOW_AUTH_ADMIN_PASSWORD=admin.password,
         MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
         MLFLOW_AUTH_DATABASE_URI=postgres.url("mlflow_auth"),
@@ -343,7 +336,7 @@ def mlflow_server(root: Path, postgres: Postgres, s3: S3) -> Mlflow:
 
 
 def create_users(mlflow: Mlflow) -> None:
-    env = _env(
+    env = clean_env(
         MLFLOW_TRACKING_URI=mlflow.url,
         MLFLOW_AUTH_ADMIN_USERNAME=mlflow.admin.username,
         MLFLOW_AUTH_ADMIN_PASSWORD=mlflow.admin.password,

@@ -21,7 +21,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.submit import EXCLUDES
-from testkit.cluster import CAN_MASK, Cluster, clean_env, ray_cluster
+from testkit.cluster import CAN_MASK, Cluster, ray_cluster
+from testkit.processes import clean_env
 from tests.conftest import REPO, SMALL, copy_repo, free_port, raw_params, with_overrides
 
 pytestmark = pytest.mark.slow

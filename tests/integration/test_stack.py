@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from testkit.cluster import clean_env
-from testkit.processes import free_port
+from testkit.processes import clean_env, free_port
 from testkit.stack import Stack
 from tests.conftest import SMALL, Registry, raw_params, register_model, with_overrides
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.config.base import ModelName
 from pipeline.config.params import Params
@@ -16,6 +15,7 @@ from pipeline.evaluate import evaluate
 from pipeline.models.artifact import ModelSpec, load_model, save_model
 from pipeline.models.module import Classifier, random_affine, to_unit_float
 from pipeline.models.networks import build_network
+from testkit.registry import fit_plain
 
 # Floors after 3 short epochs on 2000 images; a broken model or loop sits near 10%.
 FLOORS: dict[ModelName, float] = {"mlp": 0.85, "cnn": 0.85}
@@ -36,21 +36,7 @@ def _fit(params: Params, name: ModelName) -> tuple[Classifier, list[float]]:
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             losses.append(float(trainer.callback_metrics["train/loss"]))
 
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(train.images), torch.from_numpy(train.labels).long()),
-        batch_size=64,
-        shuffle=True,
-    )
-    trainer = pl.Trainer(
-        max_epochs=config.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Record()],
-    )
-    trainer.fit(module, loader)
+    fit_plain(module, train, 64, config.epochs, [Record()])
     return module, losses
 
 
