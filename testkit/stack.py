@@ -232,6 +232,13 @@ class S3:
             region_name="us-east-1",
         )
 
+    def sizes(self, bucket: str, prefix: str = "") -> dict[str, int]:
+        """Each object's size under `prefix`, by key."""
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        return {item["Key"]: item["Size"] for page in pages for item in page.get("Contents", [])}
+
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = (
             self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
