@@ -23,18 +23,20 @@ from mlflow.tracking import MlflowClient
 from pipeline.submit import EXCLUDES
 from testkit.cluster import CAN_MASK, Cluster, ray_cluster
 from testkit.processes import clean_env
+from testkit.stack import Stack
 from tests.conftest import REPO, SMALL, copy_repo, free_port, raw_params, with_overrides
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with ray_cluster(tmp_path_factory.mktemp("cluster")) as running:
+def cluster(tmp_path_factory: pytest.TempPathFactory, stack: Stack) -> Iterator[Cluster]:
+    """The nodes hold the stack's credentials, as a deployment gives them (never a job)."""
+    with ray_cluster(tmp_path_factory.mktemp("cluster"), **stack.env()) as running:
         yield running
 
 
-def _project(tmp_path: Path, storage: Path, model_epochs: int = 2) -> Path:
+def _project(tmp_path: Path, storage: Path | str, model_epochs: int = 2) -> Path:
     """A fresh copy of the project with small params; checkpoints to `storage`."""
     project = tmp_path / "project"
     project.mkdir()
@@ -91,11 +93,12 @@ def _submit_cli(
     )
 
 
-def test_mnist_pipeline_submit_trains_tracks_and_registers(
-    cluster: Cluster, tmp_path: Path, mlflow_server: str, mirror: Path
+def test_mnist_pipeline_submit_trains_tracks_and_registers_on_the_stack(
+    cluster: Cluster, tmp_path: Path, stack: Stack, mirror: Path
 ) -> None:
-    project = _project(tmp_path, cluster.shared_folder / "submit")
-    before = {v.version for v in _registered(mlflow_server)}
+    project = _project(tmp_path, "s3://mnist-dvc/ray/submit")
+    with stack.mlflow.client() as client:
+        before = {v.version for v in client.search_model_versions("name = 'mnist-classifier'")}
 
     done = _submit_cli(
         project,
@@ -104,23 +107,29 @@ def test_mnist_pipeline_submit_trains_tracks_and_registers(
         "train",
         "--model",
         "mlp",
-        MLFLOW_TRACKING_URI=mlflow_server,
+        MLFLOW_TRACKING_URI=stack.mlflow.url,
         MNIST_MIRROR=str(mirror),
     )
 
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "SUCCEEDED" in done.stderr
     assert "test/accuracy" in done.stdout  # the job's own log, streamed back
-    client = MlflowClient(mlflow_server)
-    new = [v for v in _registered(mlflow_server) if v.version not in before]
-    assert len(new) == 1, "the job registers exactly one new version"
-    run = client.get_run(new[0].run_id)
+    with stack.mlflow.client() as client:
+        versions = client.search_model_versions("name = 'mnist-classifier'")
+        new = [v for v in versions if v.version not in before]
+        assert len(new) == 1, "the job registers exactly one new version"
+        run = client.get_run(new[0].run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["ray.num_workers"] == "2"  # 1 CPU per node: both nodes trained
     assert run.data.params["ray.cluster"] == "external"
     assert float(run.data.metrics["test/accuracy"]) > 0.85
-    # Checkpoints went to the shared storage, under the job's run name.
-    assert any((cluster.shared_folder / "submit").iterdir())
+    # Logged as the trainer (the nodes' credentials), artifacts in MLflow's bucket through its
+    # proxy, checkpoints in the other bucket under the job's run name.
+    assert run.info.user_id == stack.mlflow.trainer.username
+    assert any(run.info.run_id in key for key in stack.s3.keys("mlflow-artifacts"))
+    run_name = run.data.params["ray.run_name"]  # the job's id
+    checkpoints = stack.s3.keys("mnist-dvc", f"ray/submit/{run_name}-{run.info.run_id}/")
+    assert any(key.endswith("checkpoint.ckpt") for key in checkpoints), checkpoints
 
 
 def test_ray_job_submit_cli_runs_the_stages(
