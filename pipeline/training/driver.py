@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from ray.exceptions import RayActorError
 from ray.train import (
     CheckpointConfig,
+    ControllerError,
     Result,
     TrainingFailedError,
     WorkerGroupError,
@@ -141,6 +142,12 @@ def describe_failure(
         )
         causes = "; ".join(
             f"worker rank {rank}: {failure_line(cause, CAUSE_LIMIT)}" for rank, cause in failures
+        )
+    elif isinstance(error, ControllerError):
+        # The controller fails on its own writes to storage (run state, checkpoint records):
+        # its cause names the store, its first line here would only say "controller error".
+        causes = (
+            f"Ray Train's controller: {failure_line(error.controller_failure, 2 * CAUSE_LIMIT)}"
         )
     else:
         causes = failure_line(error, CAUSE_LIMIT)

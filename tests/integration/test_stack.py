@@ -423,3 +423,29 @@ def test_mlflow_models_serve_answers_with_the_serving_credentials(
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_s3_down_while_checkpointing_fails_clearly_and_the_rerun_resumes(
+    stack: Stack, data_root: Path, tmp_path: Path
+) -> None:
+    params = _profile(tmp_path, data_root, "s3down")
+    log = tmp_path / "first.log"
+    process = _start(params, stack.env(), "s3down", log)
+    _wait_for_line(log, f"epoch 2/{EPOCHS}", process, 300)
+    stack.s3.server.stop(signal.SIGKILL)
+    try:
+        output = _finish(process, log)
+    finally:
+        stack.s3.server.start()
+
+    if process.returncode != 0:  # Ray gave up on the upload: one line that names the storage
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, output[-3000:]
+        assert "bucket 'mnist-dvc'" in errors[0], errors
+        assert not (tmp_path / "models").exists()
+    again = _train(params, stack.env(), "--run-name", "s3down")
+    assert again.returncode == 0, again.stderr[-3000:]
+    run = _the_run(stack, "s3down")
+    assert run.info.status == "FINISHED"
+    assert _steps(stack, run.info.run_id) == ALL_EPOCHS
+    assert (tmp_path / "models" / "mlp" / "model.pt").is_file()
