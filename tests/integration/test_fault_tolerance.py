@@ -1,5 +1,6 @@
-"""Fault tolerance, for real: a Ray Train worker killed mid-epoch, a budget of no restarts, a
-driver killed and run again, an interrupted `dvc repro`. Real Ray, a real `mlflow server`.
+"""Fault tolerance, for real: a Ray Train worker killed mid-epoch, a budget of no restarts, an
+interrupted `dvc repro`. Real Ray, a real `mlflow server`. (A driver killed and run again:
+tests/integration/test_stack.py, with its checkpoints in the object store.)
 
 Epochs are counted from 0, as MLflow steps and `history.csv` count them. Run with `-s` to see
 the measured cost of a worker failure.
@@ -341,62 +342,6 @@ def test_worker_failure_beyond_the_budget_fails_clearly_and_leaves_nothing(
     assert not (tmp_path / "models").exists()
     assert not (tmp_path / "plots").exists()
     assert client.search_model_versions(f"run_id = '{run.info.run_id}'") == []
-
-
-# --- the driver dies -----------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_killed_driver_rerun_resumes_the_unfinished_run(
-    prepared: Path, mlflow_server: str, tmp_path: Path
-) -> None:
-    params_file = write_params(tmp_path, profile(tmp_path, prepared))
-    client = MlflowClient(mlflow_server)
-    command = cli_train(params_file, "ft-driver")
-    env = driver_env(mlflow_server)
-    with (tmp_path / "first.log").open("wb") as sink:
-        first = subprocess.Popen(
-            command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            wait_for(lambda: committed(client, "ft-driver") >= {0, 1}, 300, "epoch 1")
-            workers = train_workers(psutil.Process(first.pid))
-            os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
-        finally:
-            if first.poll() is None:
-                os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    at_kill = committed(client, "ft-driver")
-    # Ray's workers run in process groups of their own; they follow their raylet.
-    _, alive = psutil.wait_procs(workers, timeout=60)
-    assert not alive, f"Ray workers outlived their driver: {alive}"
-    before = the_run(client, "ft-driver")
-    assert before is not None
-    assert before.info.status == "RUNNING"  # SIGKILL: nobody could close it
-    # What a copy cut short by a crash leaves: a newer checkpoint folder, half a file. Ray
-    # never committed it, so it must not be what the run resumes from.
-    stray = tmp_path / "ray" / f"ft-driver-{before.info.run_id}" / "checkpoint_2999-01-01_00-00"
-    stray.mkdir()
-    (stray / "checkpoint.ckpt").write_bytes(b"PK\x03\x04 cut short")
-
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
-    assert second.returncode == 0, second.stderr[-3000:]
-    resumed = re.search(
-        r"resuming run ft-driver \(MLflow run (\w+)\) from epoch (\d+)", second.stderr
-    )
-    assert resumed is not None, second.stderr[-3000:]
-    assert resumed.group(1) == before.info.run_id
-    # Checkpoints are committed before they are logged, never after.
-    assert int(resumed.group(2)) >= max(at_kill) + 1
-
-    run = the_run(client, "ft-driver")
-    assert run is not None
-    assert run.info.status == "FINISHED"
-    assert run.data.tags[RESUMES_TAG] == "1"
-    assert epoch_steps(client, run.info.run_id) == {key: ALL_EPOCHS for key in EPOCH_METRICS}
-    assert history_epochs(tmp_path / "plots") == ALL_EPOCHS
-    _, spec = load_model(tmp_path / "models" / "mlp")
-    assert spec.run_id == run.info.run_id
 
 
 # --- dvc repro is interrupted --------------------------------------------------------------

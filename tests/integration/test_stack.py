@@ -15,12 +15,16 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import yaml
 
+from pipeline.models.artifact import load_model
+from pipeline.tracking.runs import RESUMES_TAG
 from testkit.processes import clean_env, free_port
 from testkit.stack import Stack
 from tests.conftest import SMALL, Registry, raw_params, register_model, with_overrides
+from tests.integration.test_fault_tolerance import history_epochs, train_workers
 
 
 def _params_file(folder: Path, data_root: Path, **overrides: object) -> Path:
@@ -269,11 +273,21 @@ def test_killed_driver_resumes_from_its_checkpoint_in_the_bucket(
     process = _start(params, stack.env(), "resume", log)
     _wait_for_line(log, f"epoch 3/{EPOCHS}", process, 300)
     _wait_for_line(log, "Checkpoint successfully created", process, 60)
+    workers = train_workers(psutil.Process(process.pid))
     os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
     _finish(process, log)
+    # Ray's workers run in process groups of their own; they follow their raylet.
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"Ray workers outlived their driver: {alive}"
     first = _the_run(stack, "resume")
-    assert first.info.status == "RUNNING"
-    assert stack.s3.keys("mnist-dvc", f"ray/resume/resume-{first.info.run_id}/")
+    assert first.info.status == "RUNNING"  # SIGKILL: nobody could close it
+    at_kill = _steps(stack, first.info.run_id)
+    folder = f"ray/resume/resume-{first.info.run_id}/"
+    assert stack.s3.keys("mnist-dvc", folder)
+    # What an upload cut short by a crash leaves: a newer checkpoint, half a file. Ray never
+    # committed it, so it must not be what the run resumes from.
+    stray = f"{folder}checkpoint_2999-01-01_00-00/checkpoint.ckpt"
+    stack.s3.client().put_object(Bucket="mnist-dvc", Key=stray, Body=b"PK\x03\x04 cut short")
 
     again = _train(params, stack.env(), "--run-name", "resume")
 
@@ -281,10 +295,15 @@ def test_killed_driver_resumes_from_its_checkpoint_in_the_bucket(
     resumed = re.search(r"resuming run resume \(MLflow run (\w+)\) from epoch (\d+)", again.stderr)
     assert resumed is not None, again.stderr[-3000:]
     assert resumed.group(1) == first.info.run_id
-    assert int(resumed.group(2)) >= 1, "from a checkpoint in the bucket, not from scratch"
+    # From a checkpoint in the bucket, not from scratch; committed before logged, never after.
+    assert int(resumed.group(2)) >= max(at_kill) + 1 >= 1
     run = _the_run(stack, "resume")
     assert run.info.status == "FINISHED"
+    assert run.data.tags[RESUMES_TAG] == "1"
     assert _steps(stack, run.info.run_id) == ALL_EPOCHS
+    assert history_epochs(tmp_path / "plots") == ALL_EPOCHS
+    _, spec = load_model(tmp_path / "models" / "mlp")
+    assert spec.run_id == run.info.run_id
 
 
 # --- serving from the stack ----------------------------------------------------------------
