@@ -192,7 +192,7 @@ def test_upload_leaves_out_environments_data_and_stores(cluster: Cluster, tmp_pa
 from pathlib import Path
 from pipeline import submit as jobs
 client = jobs.connect({cluster.dashboard!r})
-env = jobs.runtimeclean_env(Path({str(project)!r}), {{}})
+env = jobs.runtime_env(Path({str(project)!r}), {{}})
 job = jobs.submit(client, {check!r}, env, jobs.job_id("upload"))
 outcome = jobs.follow(client, job, lambda text: None)
 print(outcome.status.value, outcome.message)
