@@ -35,7 +35,6 @@ class Evaluation:
     per_class_accuracy: dict[str, float]
     confusion: np.ndarray  # (true, predicted) counts
     predictions: np.ndarray  # predicted digit per test image
-    probabilities: np.ndarray  # (N, 10)
 
     def metrics(self) -> dict[str, object]:
         """What `metrics/<name>.json` holds."""
@@ -73,14 +72,8 @@ def evaluate(net: nn.Module, test: SplitArrays, batch_size: int = 1000) -> Evalu
         digit: float(confusion[i, i] / support[i]) if support[i] else float("nan")
         for i, digit in enumerate(CLASSES)
     }
-    return Evaluation(
-        loss=loss,
-        accuracy=float((predictions == labels).mean()),
-        per_class_accuracy=per_class,
-        confusion=confusion,
-        predictions=predictions,
-        probabilities=probabilities,
-    )
+    accuracy = float((predictions == labels).mean())
+    return Evaluation(loss, accuracy, per_class, confusion, predictions)
 
 
 def confusion_csv(labels: np.ndarray, predictions: np.ndarray) -> str:
@@ -93,11 +86,7 @@ def confusion_csv(labels: np.ndarray, predictions: np.ndarray) -> str:
 
 
 def log_evaluation(
-    uri: str,
-    run_id: str,
-    evaluation: Evaluation,
-    test: SplitArrays,
-    grid_size: int,
+    uri: str, run_id: str, evaluation: Evaluation, test: SplitArrays, grid_size: int
 ) -> None:
     """Test metrics and evaluation figures into the run that trained the model."""
     client = MlflowClient(uri)
@@ -106,13 +95,10 @@ def log_evaluation(
     except MlflowException as error:
         raise TrackingError(f"MLflow run {run_id} not found at {uri}: {error.message}") from None
     now = int(time.time() * 1000)
-    metrics = [Metric("test/accuracy", evaluation.accuracy, now, 0)]
-    metrics.append(Metric("test/loss", evaluation.loss, now, 0))
-    metrics += [
-        Metric(f"test/accuracy_{digit}", value, now, 0)
-        for digit, value in evaluation.per_class_accuracy.items()
-    ]
-    client.log_batch(run_id, metrics=metrics)
+    metrics = {"test/accuracy": evaluation.accuracy, "test/loss": evaluation.loss} | {
+        f"test/accuracy_{digit}": value for digit, value in evaluation.per_class_accuracy.items()
+    }
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     client.log_table(
         run_id,
         data={
@@ -122,13 +108,13 @@ def log_evaluation(
         },
         artifact_file="evaluation/per_class_accuracy.json",
     )
-    for figure, path in (
-        (confusion_figure(evaluation.confusion, "test confusion matrix"), "confusion_matrix.png"),
-        (
-            misclassified_figure(test.images, test.labels, evaluation.predictions, grid_size),
-            "misclassified.png",
+    figures = {
+        "confusion_matrix.png": confusion_figure(evaluation.confusion, "test confusion matrix"),
+        "misclassified.png": misclassified_figure(
+            test.images, test.labels, evaluation.predictions, grid_size
         ),
-    ):
+    }
+    for path, figure in figures.items():
         client.log_figure(run_id, figure, f"evaluation/{path}")
         plt.close(figure)
 

@@ -57,15 +57,10 @@ class SubmitError(RuntimeError):
 
 def train_entrypoint(model: ModelName, params_file: str, run_name: str) -> str:
     """Shell command of a training job: the stages a local run goes through, same CLI."""
-    p = f"--params {shlex.quote(params_file)}"
-    steps = [
-        f"python -m pipeline fetch {p}",
-        f"python -m pipeline prepare {p}",
-        f"python -m pipeline train --model {model} {p} --run-name {shlex.quote(run_name)}",
-        f"python -m pipeline evaluate --model {model} {p}",
-        f"python -m pipeline register --model {model} {p}",
-    ]
-    return " && ".join(steps)
+    m, p = f"--model {model}", f"--params {shlex.quote(params_file)}"
+    train = f"train {m} --run-name {shlex.quote(run_name)}"
+    steps = ("fetch", "prepare", train, f"evaluate {m}", f"register {m}")
+    return " && ".join(f"python -m pipeline {step} {p}" for step in steps)
 
 
 def repro_entrypoint(targets: list[str]) -> str:
@@ -116,17 +111,14 @@ def connect(address: str) -> JobSubmissionClient:
 
 # A head that has just started answers this until its job agent has registered.
 _AGENT_NOT_READY = "No available agent"
+AGENT_WAIT_S = 60.0
 
 
 def submit(
-    client: JobSubmissionClient,
-    entrypoint: str,
-    env: dict[str, Any],
-    submission_id: str,
-    agent_wait_s: float = 60.0,
+    client: JobSubmissionClient, entrypoint: str, env: dict[str, Any], submission_id: str
 ) -> str:
-    """Submit; waits up to `agent_wait_s` for a just-started head's job agent."""
-    deadline = time.monotonic() + agent_wait_s
+    """Submit; waits up to AGENT_WAIT_S for a just-started head's job agent."""
+    deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
             return client.submit_job(
@@ -147,12 +139,10 @@ async def _stream(client: JobSubmissionClient, job: str, out: Callable[[str], No
         out(chunk)
 
 
-def follow(
-    client: JobSubmissionClient, job: str, out: Callable[[str], None], poll_s: float = 1.0
-) -> JobOutcome:
+def follow(client: JobSubmissionClient, job: str, out: Callable[[str], None]) -> JobOutcome:
     """Stream the job's logs to `out` until it ends; its final status."""
     asyncio.run(_stream(client, job, out))
     # The log stream can close a moment before the status turns terminal.
     while (status := client.get_job_status(job)) not in TERMINAL:
-        time.sleep(poll_s)
+        time.sleep(1.0)
     return JobOutcome(job, status, client.get_job_info(job).message)

@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config.base import ModelName
 from pipeline.config.env import Settings
-from pipeline.config.params import Params, load_params
+from pipeline.config.params import load_params
 
 log = logging.getLogger("pipeline")
 
@@ -43,10 +43,6 @@ def fail_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def load(path: Path) -> Params:
-    return load_params(path)
-
-
 def client_and_name(params: Path) -> tuple[Any, str]:
     """The registry's client (its server checked) and the registered model's name."""
     from mlflow.tracking import MlflowClient
@@ -55,4 +51,4 @@ def client_and_name(params: Path) -> tuple[Any, str]:
 
     uri = tracking_uri(Settings())
     ensure_reachable(uri)
-    return MlflowClient(uri), load(params).mlflow.registered_model
+    return MlflowClient(uri), load_params(params).mlflow.registered_model

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.common import ModelOption, ParamsOption, fail_cleanly, load
+from pipeline.cli.common import ModelOption, ParamsOption, fail_cleanly
 from pipeline.config.env import Settings
-from pipeline.config.params import DEFAULT_PARAMS_FILE
+from pipeline.config.params import DEFAULT_PARAMS_FILE, load_params
 
 submit_app = typer.Typer(
     help="Run the pipeline as a Ray job on a cluster (RAY_API_SERVER_ADDRESS; token auth from "
@@ -74,7 +74,7 @@ def submit_train(
     """Fetch, prepare, train, evaluate and register one model as a Ray job."""
     from pipeline import submit as jobs
 
-    load(params)  # a bad params file fails here, not minutes later on the cluster
+    load_params(params)  # a bad params file fails here, not minutes later on the cluster
     run_name = jobs.job_id(f"train-{model}")
     _run_job(run_name, jobs.train_entrypoint(model, str(params), run_name), address, env, wait)
 
@@ -90,5 +90,5 @@ def submit_repro(
     """Run `dvc repro` (the whole pipeline, or TARGETS) as a Ray job."""
     from pipeline import submit as jobs
 
-    load(DEFAULT_PARAMS_FILE)
+    load_params(DEFAULT_PARAMS_FILE)
     _run_job(jobs.job_id("repro"), jobs.repro_entrypoint(targets or []), address, env, wait)

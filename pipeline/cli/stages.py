@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.common import ModelOption, ParamsOption, fail_cleanly, load, log
+from pipeline.cli.common import ModelOption, ParamsOption, fail_cleanly, log
 from pipeline.config.base import MODEL_NAMES, ModelName
 from pipeline.config.env import Settings
-from pipeline.config.params import DEFAULT_PARAMS_FILE
+from pipeline.config.params import DEFAULT_PARAMS_FILE, load_params
 
 
 @fail_cleanly
@@ -22,7 +22,7 @@ def fetch(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     """Download the four MNIST files (MNIST_MIRROR first), verified by SHA-256."""
     from pipeline.data import fetch as stage
 
-    stage.run(load(params), Settings())
+    stage.run(load_params(params), Settings())
 
 
 @fail_cleanly
@@ -30,7 +30,7 @@ def prepare(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     """Parse the IDX files, split train/val (seeded), store uint8 arrays and a data report."""
     from pipeline.data import prepare as stage
 
-    report = stage.run(load(params))
+    report = stage.run(load_params(params))
     log.info("prepared %s", {split: counts["total"] for split, counts in report.items()})
 
 
@@ -47,14 +47,13 @@ def train(
     ] = None,
 ) -> None:
     """Train one model on Ray Train workers and export its best checkpoint."""
-    name = model
-    config = load(params)
+    config = load_params(params)  # before the slow import: a bad params file fails at once
     from pipeline.training.driver import train_model
 
-    outcome = train_model(config, name, Settings(), run_name)
+    outcome = train_model(config, model, Settings(), run_name)
     log.info(
         "%s: best val/accuracy %.4f at epoch %d -> %s",
-        name,
+        model,
         outcome.spec.val_accuracy,
         outcome.spec.epoch,
         outcome.model_file,
@@ -73,7 +72,7 @@ def tune(
     """Search hyperparameters (Ray Tune: Optuna + ASHA); write the best as a params file."""
     from pipeline.tune.search import tune_model
 
-    outcome = tune_model(load(params), model, Settings(), name)
+    outcome = tune_model(load_params(params), model, Settings(), name)
     log.info(
         "%s: best val/accuracy %.4f (trial %s) of %d trials (%d stopped early, %d failed) "
         "in %.0f s -> %s",
@@ -94,9 +93,8 @@ def evaluate(model: ModelOption, params: ParamsOption = DEFAULT_PARAMS_FILE) -> 
     """Score a trained model on the test split; write metrics and plots."""
     from pipeline import evaluate as stage
 
-    name = model
-    result = stage.run(load(params), name, Settings())
-    log.info("%s: test/accuracy %.4f  test/loss %.4f", name, result.accuracy, result.loss)
+    result = stage.run(load_params(params), model, Settings())
+    log.info("%s: test/accuracy %.4f  test/loss %.4f", model, result.accuracy, result.loss)
 
 
 @fail_cleanly
@@ -109,7 +107,7 @@ def register(
     """Register every trained model; alias the best `challenger`, gate it to `champion`."""
     from pipeline.registry import register as stage
 
-    decision = stage.run(load(params), Settings(), (model,) if model else MODEL_NAMES)
+    decision = stage.run(load_params(params), Settings(), (model,) if model else MODEL_NAMES)
     log.info(
         "%s: %s (champion: version %s)",
         decision.registered_model,
@@ -121,7 +119,7 @@ def register(
 @fail_cleanly
 def summary(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     """What the pipeline produced: accuracy per model and where the outputs are."""
-    paths = load(params).paths
+    paths = load_params(params).paths
     typer.echo(f"{'model':<6} {'test accuracy':>14} {'test loss':>10}  artifact")
     for name in MODEL_NAMES:
         metrics_file = Path(paths.metrics) / f"{name}.json"

@@ -1,9 +1,8 @@
 """Ray's private APIs the project uses, each behind `require_ray`: written for ray >=2.60,<2.61.
 
-What is not here because Ray 2.60 has a public way: Serve's late-bound ingress (`serve.ingress()`
-plus `__serve_build_asgi_app__`, documented in `serve.ingress`'s docstring, ray/serve/api.py) is
-the replica-side app builder `services/serving/ray_app.py` uses; a builder function passed to
-`serve.ingress` gets no constructor arguments, so it cannot see the deployment's settings.
+Not here, as Ray 2.60 has a public way: Serve's late-bound ingress (`serve.ingress()` plus
+`__serve_build_asgi_app__`, documented in `serve.ingress`'s docstring), which
+`services/serving/ray_app.py` uses to build its app in the replica, with the deployment's settings.
 """
 
 from __future__ import annotations

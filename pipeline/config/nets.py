@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated
 
 from pydantic import Field, PositiveInt
 
 from pipeline.config.base import Dropout, ModelName, StrictModel
 
+# The widths a network and a search (`pipeline.config.search`) accept alike.
+HiddenSizes = Annotated[list[PositiveInt], Field(min_length=1)]
+# Each block halves the resolution (28 -> 14 -> 7 -> 3 -> 1), hence at most four.
+Channels = Annotated[list[PositiveInt], Field(min_length=1, max_length=4)]
+
 
 class NetConfig(StrictModel):
-    """One network's architecture; `WIDTH_KEY` names its width, what a search chooses."""
-
-    WIDTH_KEY: ClassVar[str]
+    """One network's architecture."""
 
 
 class MLPNetConfig(NetConfig):
-    WIDTH_KEY: ClassVar[str] = "hidden_sizes"
-    hidden_sizes: list[PositiveInt] = Field(min_length=1)
+    hidden_sizes: HiddenSizes
     dropout: Dropout = 0.2
 
 
 class CNNNetConfig(NetConfig):
-    WIDTH_KEY: ClassVar[str] = "channels"
-    # Each block halves the resolution (28 -> 14 -> 7 -> 3 -> 1), hence at most four.
-    channels: list[PositiveInt] = Field(min_length=1, max_length=4)
+    channels: Channels
     dropout: Dropout = 0.1
 
 

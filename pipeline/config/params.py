@@ -149,12 +149,10 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         path = ".".join(str(part) for part in item["loc"]) or "<root>"
         value = item.get("input")
         shown = item["type"] != "missing" and not isinstance(value, dict | list)
-        got = f" (got {value!r})" if shown else ""
-        message = item["msg"].removeprefix("Value error, ")
+        message = item["msg"].removeprefix("Value error, ") + (f" (got {value!r})" if shown else "")
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key")
-        else:
-            lines.append(f"  {path}: {message}{got}")
+            message = "unknown key"
+        lines.append(f"  {path}: {message}")
     return "\n".join(lines)
 
 

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar
 
-from pydantic import (
-    AfterValidator,
-    Field,
-    GetCoreSchemaHandler,
-    PositiveFloat,
-    PositiveInt,
-    create_model,
-    model_validator,
-)
-from pydantic_core import CoreSchema
+from pydantic import AfterValidator, Field, PositiveFloat, PositiveInt, model_validator
 
 from pipeline.config.base import MODEL_NAMES, Dropout, ModelName, StrictModel
-from pipeline.config.nets import NET_CONFIGS, NetConfig
+from pipeline.config.nets import Channels, HiddenSizes
 
 Bound = TypeVar("Bound", bound=float)
 Choice = TypeVar("Choice")
@@ -53,8 +44,8 @@ Choices = Annotated[list[Choice], Field(min_length=1), AfterValidator(_unique)]
 
 
 class StartPoint(StrictModel):
-    """A whole configuration, tried before the sampled ones (e.g. the current defaults);
-    `space_of` adds the net's width key."""
+    """A whole configuration, tried before the sampled ones (e.g. the current defaults); each
+    model's subclass adds its net's width."""
 
     lr: PositiveFloat
     dropout: Dropout
@@ -62,8 +53,8 @@ class StartPoint(StrictModel):
 
 
 class SearchSpace(StrictModel):
-    """What one model's search samples. `epochs` is each trial's budget (ASHA's max_t).
-    `space_of` adds the net's width choices, under its `WIDTH_KEY`."""
+    """What one model's search samples. `epochs` is each trial's budget (ASHA's max_t). Each
+    model's subclass adds its net's width choices, under `WIDTH_KEY`, then `start_from`."""
 
     num_samples: PositiveInt = Field(description="trials in the search")
     epochs: PositiveInt = Field(description="max epochs per trial; ASHA stops the weak earlier")
@@ -72,8 +63,8 @@ class SearchSpace(StrictModel):
     batch_size: Choices[PositiveInt]
     WIDTH_KEY: ClassVar[str] = ""
     if TYPE_CHECKING:
-        # `space_of` declares it after the width, where params.yaml has it.
-        start_from: list[StartPoint]
+        # Each subclass declares it after the width, where params.yaml has it.
+        start_from: Sequence[StartPoint]
 
     def width(self) -> list[list[int]]:
         """The choices of network width (hidden sizes or channels)."""
@@ -85,20 +76,14 @@ class SearchSpace(StrictModel):
 
     @model_validator(mode="after")
     def _points_inside(self) -> SearchSpace:
+        allowed: dict[str, Any] = dict(lr=self.lr, dropout=self.dropout, batch_size=self.batch_size)
+        allowed[self.WIDTH_KEY] = self.width()
         for index, values in enumerate(self.start_points()):
-            where = f"start_from.{index}"
-            if values["lr"] not in self.lr:
-                raise ValueError(f"{where}.lr: {values['lr']} is outside lr [low, high]")
-            if values["dropout"] not in self.dropout:
-                raise ValueError(
-                    f"{where}.dropout: {values['dropout']} is outside dropout [low, high]"
-                )
-            if values["batch_size"] not in self.batch_size:
-                raise ValueError(f"{where}.batch_size: {values['batch_size']} is not a choice")
-            if values[self.WIDTH_KEY] not in self.width():
-                raise ValueError(
-                    f"{where}.{self.WIDTH_KEY}: {values[self.WIDTH_KEY]} is not a choice"
-                )
+            for key, within in allowed.items():
+                if values[key] not in within:
+                    ranged = isinstance(within, Range)
+                    problem = f"is outside {key} [low, high]" if ranged else "is not a choice"
+                    raise ValueError(f"start_from.{index}.{key}: {values[key]} {problem}")
         if len(self.start_from) > self.num_samples:
             raise ValueError(
                 f"start_from: {len(self.start_from)} points, more than num_samples "
@@ -107,41 +92,24 @@ class SearchSpace(StrictModel):
         return self
 
 
-def space_of(net: type[NetConfig]) -> type[SearchSpace]:
-    """The search space of `net`: its width key, each choice constrained as the net's own."""
-    key = net.WIDTH_KEY
-    width = net.model_fields[key].rebuild_annotation()
-    stem = net.__name__.removesuffix("NetConfig")
-    point = create_model(f"{stem}Point", __base__=StartPoint, __module__=__name__, **{key: width})
-    fields: dict[str, Any] = {
-        key: Choices[width],  # type: ignore[valid-type]  # the net's type, known at run time
-        "start_from": (list[point], []),
-    }
-    return create_model(
-        f"{stem}Search",
-        __base__=SearchSpace,
-        __module__=__name__,
-        __namespace__={"WIDTH_KEY": key},
-        **fields,
-    )
+class MLPPoint(StartPoint):
+    hidden_sizes: HiddenSizes
 
 
-SPACES: dict[ModelName, type[SearchSpace]] = {
-    name: space_of(net) for name, net in NET_CONFIGS.items()
-}
+class CNNPoint(StartPoint):
+    channels: Channels
 
 
-@dataclass(frozen=True)
-class _SpaceOf:
-    """Validates a field typed `SearchSpace` as model `name`'s space (`SPACES`), whose width
-    field is made at run time, out of mypy's sight."""
+class MLPSearch(SearchSpace):
+    WIDTH_KEY: ClassVar[str] = "hidden_sizes"
+    hidden_sizes: Choices[HiddenSizes]
+    start_from: list[MLPPoint] = []
 
-    name: ModelName
 
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> CoreSchema:
-        return handler(SPACES[self.name])
+class CNNSearch(SearchSpace):
+    WIDTH_KEY: ClassVar[str] = "channels"
+    channels: Choices[Channels]
+    start_from: list[CNNPoint] = []
 
 
 class AshaConfig(StrictModel):
@@ -166,7 +134,7 @@ class TuneConfig(StrictModel):
     )
     scheduler: AshaConfig = AshaConfig()
     # Defaults for a params file without the section; params.yaml states its own.
-    mlp: Annotated[SearchSpace, _SpaceOf("mlp")] = SPACES["mlp"].model_validate(
+    mlp: MLPSearch = MLPSearch.model_validate(
         {
             "num_samples": 12,
             "epochs": 6,
@@ -176,7 +144,7 @@ class TuneConfig(StrictModel):
             "hidden_sizes": [[256], [512, 256], [1024, 512]],
         }
     )
-    cnn: Annotated[SearchSpace, _SpaceOf("cnn")] = SPACES["cnn"].model_validate(
+    cnn: CNNSearch = CNNSearch.model_validate(
         {
             "num_samples": 8,
             "epochs": 4,

@@ -36,8 +36,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 def write_json(path: Path, data: Any) -> None:
     """Write `data` as indented JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:

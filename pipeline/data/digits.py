@@ -30,31 +30,26 @@ WORK_SIDE = 512
 
 ImageErrorKind = Literal["unsupported_format", "too_large", "unreadable", "no_digit"]
 
-# Signatures of formats we refuse, to name them in the refusal without parsing them.
-_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
-    (0, b"\xff\xd8\xff", "JPEG"),
-    (0, b"GIF87a", "GIF"),
-    (0, b"GIF89a", "GIF"),
-    (0, b"BM", "BMP"),
-    (0, b"II*\x00", "TIFF"),
-    (0, b"MM\x00*", "TIFF"),
-    (0, b"II+\x00", "TIFF"),
-    (0, b"MM\x00+", "TIFF"),
-    (8, b"WEBP", "WebP"),
-    (0, b"\x00\x00\x01\x00", "ICO"),
-    (0, b"\x00\x00\x02\x00", "CUR"),
-    (0, b"8BPS", "PSD"),
-    (4, b"ftypavif", "AVIF"),
-    (4, b"ftyp", "HEIF"),
-    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
-    (0, b"\xff\x4f\xff\x51", "JPEG 2000"),
-    (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
-    (0, b"\xff\x0a", "JPEG XL"),
-    (0, b"qoif", "QOI"),
-    (0, b"%PDF", "PDF"),
-    (0, b"<svg", "SVG"),
-    (0, b"<?xml", "XML"),
+# Signatures of formats we refuse, to name them in the refusal without parsing them:
+# (name, offset, the leading bytes or their alternatives); the first match wins.
+_SIGNATURES: tuple[tuple[str, int, bytes | tuple[bytes, ...]], ...] = (
+    ("PNG", 0, b"\x89PNG\r\n\x1a\n"),
+    ("JPEG", 0, b"\xff\xd8\xff"),
+    ("GIF", 0, (b"GIF87a", b"GIF89a")),
+    ("BMP", 0, b"BM"),
+    ("TIFF", 0, (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")),
+    ("WebP", 8, b"WEBP"),
+    ("ICO", 0, b"\x00\x00\x01\x00"),
+    ("CUR", 0, b"\x00\x00\x02\x00"),
+    ("PSD", 0, b"8BPS"),
+    ("AVIF", 4, b"ftypavif"),
+    ("HEIF", 4, b"ftyp"),
+    ("JPEG 2000", 0, (b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")),
+    ("JPEG XL", 0, (b"\x00\x00\x00\x0cJXL \r\n\x87\n", b"\xff\x0a")),
+    ("QOI", 0, b"qoif"),
+    ("PDF", 0, b"%PDF"),
+    ("SVG", 0, b"<svg"),
+    ("XML", 0, b"<?xml"),
 )
 
 
@@ -69,14 +64,10 @@ class ImageError(ValueError):
 def sniff_format(data: bytes) -> str | None:
     """The image format the leading bytes announce, if it is one we know by name."""
     head = data[:64].lstrip()
-    for offset, signature, name in _SIGNATURES:
-        if head[offset : offset + len(signature)] == signature:
+    for name, offset, signatures in _SIGNATURES:
+        if head[offset:].startswith(signatures):
             return name
     return None
-
-
-def _accepted() -> str:
-    return ", ".join(ACCEPTED_FORMATS)
 
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -93,7 +84,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 f"a damaged {named} image: its header is unreadable", "unreadable"
             ) from None
         if named:
-            message = f"{named} images are not accepted (accepted: {_accepted()})"
+            message = f"{named} images are not accepted (accepted: {', '.join(ACCEPTED_FORMATS)})"
         else:
             message = f"not an image ({' or '.join(ACCEPTED_FORMATS)} expected)"
         raise ImageError(message, "unsupported_format") from None
@@ -182,10 +173,8 @@ def gray_to_mnist(gray: np.ndarray) -> np.ndarray:
     ys, xs = np.indices(patch.shape)
     centre_y = (ys * patch).sum() / mass if mass else patch.shape[0] / 2
     centre_x = (xs * patch).sum() / mass if mass else patch.shape[1] / 2
-    top = int(round(SIZE / 2 - centre_y))
-    left = int(round(SIZE / 2 - centre_x))
-    top = min(max(top, 0), SIZE - height)
-    left = min(max(left, 0), SIZE - width)
+    top = min(max(round(SIZE / 2 - centre_y), 0), SIZE - height)
+    left = min(max(round(SIZE / 2 - centre_x), 0), SIZE - width)
     canvas[top : top + height, left : left + width] = patch
     return np.clip(canvas, 0.0, 1.0)
 

@@ -7,12 +7,13 @@ import hashlib
 import http.client
 import logging
 import os
+import shutil
 import tempfile
 import urllib.request
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 from tqdm import tqdm
@@ -37,23 +38,16 @@ class FetchError(RuntimeError):
     """No mirror gave a verified copy of a file; the message lists every attempt."""
 
 
-@dataclass(frozen=True)
-class Attempt:
-    source: str
-    problem: str
-
-
 def _is_url(mirror: str) -> bool:
     return urlparse(mirror).scheme in {"http", "https", "ftp", "file"}
 
 
 def _candidates(mirror: str, name: str) -> list[str]:
     """Places a mirror may hold `name`: gzipped first, as the public mirrors serve it."""
+    files = (f"{name}.gz", name)
     if _is_url(mirror) or is_object_store(mirror):
-        base = mirror if mirror.endswith("/") else mirror + "/"
-        return [f"{base}{name}.gz", f"{base}{name}"]
-    folder = Path(mirror).expanduser()
-    return [str(folder / f"{name}.gz"), str(folder / name)]
+        return [f"{mirror.removesuffix('/')}/{file}" for file in files]
+    return [str(Path(mirror).expanduser() / file) for file in files]
 
 
 def _download(source: str, target: Path, timeout_s: float) -> None:
@@ -79,21 +73,13 @@ def _download(source: str, target: Path, timeout_s: float) -> None:
             _copy_with_progress(stream, target, path.stat().st_size, source)
 
 
-def _copy_with_progress(stream, target: Path, total: int | None, label: str) -> None:  # type: ignore[no-untyped-def]
+def _copy_with_progress(stream: BinaryIO, target: Path, total: int | None, label: str) -> None:
+    name = Path(urlparse(label).path).name
     with (
+        tqdm.wrapattr(stream, "read", total, desc=name, leave=False, disable=None) as read,
         target.open("wb") as out,
-        tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc=Path(urlparse(label).path).name,
-            leave=False,
-            disable=None,
-        ) as bar,
     ):
-        while chunk := stream.read(_CHUNK):
-            out.write(chunk)
-            bar.update(len(chunk))
+        shutil.copyfileobj(read, out, _CHUNK)
 
 
 def _decompress_and_hash(downloaded: Path, gzipped: bool, target: Path) -> str:
@@ -111,7 +97,7 @@ def fetch_file(name: str, mirrors: Iterable[str], out_dir: Path, timeout_s: floa
     """Fetch one verified IDX file into `out_dir`; nothing is left there on failure."""
     expected = MNIST_FILES[name]
     out_dir.mkdir(parents=True, exist_ok=True)
-    attempts: list[Attempt] = []
+    attempts: list[tuple[str, str]] = []  # (source, problem)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".fetch-") as tmp:
         staged = Path(tmp) / name
         for mirror in mirrors:
@@ -121,18 +107,15 @@ def fetch_file(name: str, mirrors: Iterable[str], out_dir: Path, timeout_s: floa
                     _download(source, downloaded, timeout_s)
                     actual = _decompress_and_hash(downloaded, source.endswith(".gz"), staged)
                 except (OSError, EOFError, zlib.error, http.client.HTTPException) as error:
-                    attempts.append(Attempt(source, _describe(error)))
+                    attempts.append((source, _describe(error)))
                     continue
-                if actual != expected:
-                    attempts.append(
-                        Attempt(source, f"SHA-256 mismatch: expected {expected}, got {actual}")
-                    )
-                    continue
-                final = out_dir / name
-                os.replace(staged, final)
-                log.info("%s verified from %s", name, source)
-                return final
-    tried = "\n".join(f"  - {a.source}: {a.problem}" for a in attempts) or "  (no mirrors)"
+                if actual == expected:
+                    os.replace(staged, out_dir / name)
+                    log.info("%s verified from %s", name, source)
+                    return out_dir / name
+                attempts.append((source, f"SHA-256 mismatch: expected {expected}, got {actual}"))
+    lines = [f"  - {source}: {problem}" for source, problem in attempts]
+    tried = "\n".join(lines) or "  (no mirrors)"
     raise FetchError(f"could not fetch a verified copy of {name}; tried:\n{tried}")
 
 

@@ -51,21 +51,20 @@ def content_digest(splits: dict[Split, SplitArrays]) -> str:
 
 def save_prepared(
     folder: Path, splits: dict[Split, SplitArrays], normalization: Normalization, seed: int
-) -> dict[str, object]:
-    """Write the splits and manifest into `folder` (expected to be new); return the manifest."""
+) -> None:
+    """Write the splits and manifest into `folder` (expected to be new)."""
     folder.mkdir(parents=True)
     for split in SPLITS:
         image_file, label_file = _files(split)
         np.save(folder / image_file, splits[split].images, allow_pickle=False)
         np.save(folder / label_file, splits[split].labels, allow_pickle=False)
-    manifest: dict[str, object] = {
+    manifest = {
         "digest": content_digest(splits),
         "sizes": {split: len(splits[split]) for split in SPLITS},
         "normalization": {"mean": normalization.mean, "std": normalization.std},
         "seed": seed,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 @dataclass(frozen=True)

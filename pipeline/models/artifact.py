@@ -30,12 +30,10 @@ class ModelSpec(StrictModel):
     val_accuracy: float
     run_id: str | None = None  # the MLflow run that trained it
 
-    def net_config(self) -> NetConfig:
-        return NET_CONFIGS[self.kind].model_validate(self.net)
-
     def build(self) -> nn.Module:
         """An untrained network of this architecture."""
-        return build_network(self.kind, self.net_config().model_dump(), self.mean, self.std)
+        net = NET_CONFIGS[self.kind].model_validate(self.net)
+        return build_network(self.kind, net.model_dump(), self.mean, self.std)
 
     @classmethod
     def describe(

@@ -37,7 +37,7 @@ def random_affine(images: torch.Tensor) -> torch.Tensor:
 
 
 class Classifier(pl.LightningModule):
-    """Trains any digit network; logs `train/loss`, `val/loss`, `val/accuracy`, `test/*`."""
+    """Trains any digit network; logs `train/loss`, `val/loss` and `val/accuracy`."""
 
     def __init__(self, net: nn.Module, optim: OptimConfig) -> None:
         super().__init__()
@@ -50,7 +50,6 @@ class Classifier(pl.LightningModule):
         self.net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.optim = optim
         self.val_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -75,18 +74,12 @@ class Classifier(pl.LightningModule):
             self.log("train/loss", mean, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
-    def _evaluate(self, batch: Batch, split: str, accuracy: MulticlassAccuracy) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, labels = batch
         logits = self(to_unit_float(images))
-        accuracy(logits, labels)
-        self.log(f"{split}/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.log(f"{split}/accuracy", accuracy, on_epoch=True)
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_accuracy)
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_accuracy)
+        self.val_accuracy(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.log("val/accuracy", self.val_accuracy, on_epoch=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(

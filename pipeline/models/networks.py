@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.config.base import ModelName
+
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
 
@@ -81,13 +83,11 @@ class CNN(nn.Module):
         return self.layers(x)
 
 
-NETWORKS: dict[str, type[MLP] | type[CNN]] = {"mlp": MLP, "cnn": CNN}
+NETWORKS: dict[ModelName, type[MLP] | type[CNN]] = {"mlp": MLP, "cnn": CNN}
 
 
-def build_network(kind: str, net: Mapping[str, Any], mean: float, std: float) -> nn.Module:
+def build_network(kind: ModelName, net: Mapping[str, Any], mean: float, std: float) -> nn.Module:
     """The network of `kind` from its size arguments (`train.<kind>.net`) and normalisation."""
-    if kind not in NETWORKS:
-        raise ValueError(f"unknown network kind {kind!r}: expected one of {sorted(NETWORKS)}")
     return NETWORKS[kind](**net, mean=mean, std=std)
 
 

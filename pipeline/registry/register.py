@@ -34,28 +34,15 @@ def candidates(
         if spec.run_id is None:
             raise ValueError(f"models/{name} was trained without MLflow tracking: retrain it")
         test = json.loads((Path(params.paths.metrics) / f"{name}.json").read_text())["test"]
-        run = client.get_run(spec.run_id)
-        found.append(
-            Candidate(
-                model_type=name,
-                run_id=spec.run_id,
-                model_uri=run.data.tags["model_uri"],
-                test_accuracy=float(test["accuracy"]),
-                test_loss=float(test["loss"]),
-                tags={
-                    "git_commit": run.data.tags.get("git_commit", "unknown"),
-                    "data_digest": spec.data_digest,
-                    MANIFEST_TAG: run.data.tags.get(MANIFEST_TAG, "{}"),
-                },
-            )
-        )
+        tags = client.get_run(spec.run_id).data.tags
+        lineage = {
+            "git_commit": tags.get("git_commit", "unknown"),
+            "data_digest": spec.data_digest,
+            MANIFEST_TAG: tags.get(MANIFEST_TAG, "{}"),
+        }
+        accuracy, loss = float(test["accuracy"]), float(test["loss"])
+        found.append(Candidate(name, spec.run_id, tags["model_uri"], accuracy, loss, lineage))
     return found
-
-
-def _test_set(params: Params) -> tuple[np.ndarray, np.ndarray]:
-    """Test images in the model input contract, and their labels."""
-    test = open_prepared(Path(params.paths.prepared)).load("test")
-    return test.images.astype(np.float32) / 255.0, test.labels
 
 
 def run(params: Params, settings: Settings, models: Sequence[ModelName] = MODEL_NAMES) -> Decision:
@@ -64,12 +51,12 @@ def run(params: Params, settings: Settings, models: Sequence[ModelName] = MODEL_
     ensure_reachable(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    images, labels = _test_set(params)
+    test = open_prepared(Path(params.paths.prepared)).load("test")
+    images = test.images.astype(np.float32) / 255.0  # the model input contract
 
     def score_on_test(model_uri: str) -> float:
-        model = mlflow.pyfunc.load_model(model_uri)
-        probabilities = np.asarray(model.predict(images))
-        return float((probabilities.argmax(axis=1) == labels).mean())
+        probabilities = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(images))
+        return float((probabilities.argmax(axis=1) == test.labels).mean())
 
     decision = decide_and_promote(
         client,

@@ -27,6 +27,7 @@ CHALLENGER = "challenger"
 CLAIM_PREFIX = "claim.champion."
 HISTORY_TAG = "champion.history"
 CLAIM_WINDOW_S = 30.0  # far longer than a promotion takes; short enough not to surprise
+SETTLE_ROUNDS = 3
 
 
 class RegistryError(RuntimeError):
@@ -77,10 +78,6 @@ def ensure_version(client: MlflowClient, name: str, candidate: Candidate) -> Mod
     return version
 
 
-def score_of(version: ModelVersion) -> float:
-    return float(version.tags["test_accuracy"])
-
-
 def champion(client: MlflowClient, name: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
@@ -93,47 +90,34 @@ def _history(client: MlflowClient, name: str) -> list[str]:
     return list(json.loads(tags.get(HISTORY_TAG, "[]")))
 
 
-def _set_champion(client: MlflowClient, name: str, version: str) -> None:
-    client.set_registered_model_alias(name, CHAMPION, version)
-    history = _history(client, name)
-    if not history or history[-1] != version:
-        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, version]))
-
-
-def _recent_claims(client: MlflowClient, name: str, window_s: float) -> dict[str, float]:
+def settle(client: MlflowClient, name: str) -> str | None:
+    """Point `champion` at the best recent claim (ties: the older version); return it."""
     now = time.time()
     claims: dict[str, float] = {}
     for key, value in client.get_registered_model(name).tags.items():
         if key.startswith(CLAIM_PREFIX):
             claim = json.loads(value)
-            if now - claim["at"] <= window_s:
+            if now - claim["at"] <= CLAIM_WINDOW_S:
                 claims[key.removeprefix(CLAIM_PREFIX)] = float(claim["score"])
-    return claims
-
-
-def settle(client: MlflowClient, name: str, window_s: float = CLAIM_WINDOW_S) -> str | None:
-    """Point `champion` at the best recent claim (ties: the older version); return it."""
-    claims = _recent_claims(client, name, window_s)
+    current = champion(client, name)
     if not claims:
-        current = champion(client, name)
         return str(current.version) if current else None
     best = max(claims, key=lambda version: (claims[version], -int(version)))
-    current = champion(client, name)
     if current is None or str(current.version) != best:
-        _set_champion(client, name, best)
+        client.set_registered_model_alias(name, CHAMPION, best)
+        history = _history(client, name)
+        if history[-1:] != [best]:
+            client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, best]))
     return best
 
 
-def promote(
-    client: MlflowClient, name: str, version: str, rounds: int = 3, pause_s: float = 0.2
-) -> str:
+def promote(client: MlflowClient, name: str, version: str, pause_s: float = 0.2) -> str:
     """Make `version` champion unless a concurrent promotion of a better one wins; return
     the version that holds `champion` afterwards."""
-    model_version = client.get_model_version(name, version)
-    claim = {"score": score_of(model_version), "at": time.time()}
+    score = float(client.get_model_version(name, version).tags["test_accuracy"])
+    claim = {"score": score, "at": time.time()}
     client.set_registered_model_tag(name, f"{CLAIM_PREFIX}{version}", json.dumps(claim))
-    winner: str | None = version
-    for _ in range(rounds):
+    for _ in range(SETTLE_ROUNDS):
         winner = settle(client, name)
         time.sleep(pause_s * random.uniform(0.5, 1.5))
     if winner is None:  # pragma: no cover - a claim was just made

@@ -23,15 +23,9 @@ def confusion_figure(confusion: np.ndarray, title: str) -> Figure:
     for (row, col), count in np.ndenumerate(confusion):
         colour = "white" if confusion[row, col] > confusion.max() / 2 else "black"
         axes.text(col, row, str(count), ha="center", va="center", fontsize=7, color=colour)
-    axes.set(
-        xticks=range(len(CLASSES)),
-        yticks=range(len(CLASSES)),
-        xticklabels=CLASSES,
-        yticklabels=CLASSES,
-        xlabel="predicted",
-        ylabel="true",
-        title=title,
-    )
+    ticks = range(len(CLASSES))
+    axes.set(xticks=ticks, yticks=ticks, xticklabels=CLASSES, yticklabels=CLASSES, title=title)
+    axes.set(xlabel="predicted", ylabel="true")
     figure.colorbar(image, ax=axes, label="log(1 + count)")
     figure.tight_layout()
     return figure

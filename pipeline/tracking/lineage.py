@@ -1,12 +1,14 @@
-"""Lineage of a run: the project's git commit and the DVC hash of the data it trained on."""
+"""Lineage of a run: the project's git commit (the data's DVC hash: `pipeline.compat.dvc`)."""
 
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
-from pipeline.compat.dvc import folder_hash
 from pipeline.config.env import Settings
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def git_commit() -> str:
@@ -16,20 +18,8 @@ def git_commit() -> str:
     if submitted:
         return submitted
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit
-
-
-def dvc_hash(folder: Path) -> str:
-    """The hash DVC records for `folder` in dvc.lock (`<md5>.dir`)."""
-    return folder_hash(folder)

@@ -21,12 +21,13 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.compat.dvc import folder_hash
 from pipeline.config.base import ModelName
 from pipeline.config.env import Settings
 from pipeline.config.params import Params
 from pipeline.data.prepared import open_prepared
 from pipeline.tracking.epochs import RESTARTS_TAG
-from pipeline.tracking.lineage import dvc_hash, git_commit
+from pipeline.tracking.lineage import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +133,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def stage_params(params: Params, name: ModelName) -> dict[str, str]:
     """Exactly the params the train stage of `name` reads (as dvc.yaml lists them)."""
     dumped = params.model_dump(mode="json")
-    return flatten(
-        {
-            "seed": dumped["seed"],
-            "prepare": dumped["prepare"],
-            "train": {
-                "scaling": dumped["train"]["scaling"],
-                "max_failures": dumped["train"]["max_failures"],
-                name: dumped["train"][name],
-            },
-        }
-    )
+    train = {key: dumped["train"][key] for key in ("scaling", "max_failures", name)}
+    return flatten({"seed": dumped["seed"], "prepare": dumped["prepare"], "train": train})
 
 
 def ensure_experiment(uri: str, name: str) -> None:
@@ -184,8 +176,7 @@ def latest_run(client: MlflowClient, experiment_id: str, filter_string: str) -> 
 def previous_run(
     client: MlflowClient, experiment_id: str, name: ModelName, run_name: str
 ) -> Run | None:
-    """The latest run of model `name` under `run_name`, if any."""
-    # run_name is restricted to [A-Za-z0-9._-], so it needs no escaping here.
+    """The latest run of model `name` under `run_name` ([A-Za-z0-9._-]: no quoting), if any."""
     where = f"params.`{RUN_NAME_PARAM}` = '{run_name}' and tags.model_type = '{name}'"
     return latest_run(client, experiment_id, where)
 
@@ -194,10 +185,8 @@ def unfinished_decision(
     previous: Run | None, kind: str, name: str, mismatch: Callable[[Run], str | None]
 ) -> tuple[str | None, str]:
     """(the MLflow run id to resume or None, why): the resume policy of train and tune alike.
-
     Only an unfinished run (of this `kind`, "run" or "search", named `name`) is resumed, and
-    only when `mismatch(previous)` finds nothing that differs (else it says what does).
-    """
+    only when `mismatch(previous)` finds nothing that differs (else it says what does)."""
     if previous is None:
         return None, f"no earlier {kind} of that name"
     label = f"{kind} {name} (MLflow run {previous.info.run_id})"
@@ -309,7 +298,7 @@ def _open(
         targets=train.labels,
         source=str(prepared.resolve()),
         name="mnist-prepared",
-        digest=dvc_hash(prepared),
+        digest=folder_hash(prepared),
     )
     mlflow.log_input(dataset, context="training")
     return OpenRun(run_id, resumed=False)

@@ -1,7 +1,7 @@
 """Train stage: Lightning on Ray Train workers; the best checkpoint becomes `models/<name>/`.
 
-`train_model` is the driver: it sizes and starts the workers, which run
-`pipeline.training.worker.worker_loop`, inside one MLflow run, then exports the best checkpoint.
+`train_model` is the driver: it sizes and starts the workers (`pipeline.training.worker`)
+inside one MLflow run, then exports the best checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.tracking import MlflowClient
 from ray.exceptions import RayActorError
 from ray.train import (
@@ -26,9 +25,7 @@ from ray.train import (
     TrainingFailedError,
     WorkerGroupError,
 )
-from ray.train.lightning import (
-    RayTrainReportCallback,
-)
+from ray.train.lightning import RayTrainReportCallback
 
 from pipeline.compat.ray import health_check_cause
 from pipeline.config.base import ModelName
@@ -57,12 +54,7 @@ from pipeline.training.ray_env import (
 )
 from pipeline.training.recorder import RunRecorder
 from pipeline.training.trainer import build_trainer
-from pipeline.training.worker import (
-    MONITOR,
-    CheckpointError,
-    WorkerData,
-    verified_checkpoint,
-)
+from pipeline.training.worker import MONITOR, CheckpointError, WorkerData, verified_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +62,9 @@ HISTORY_COLUMNS = ("epoch", "train/loss", "val/loss", "val/accuracy")
 # Also a folder name under train.storage_path and an MLflow search value: no quoting needed.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CAUSE_LIMIT = 160  # per worker: the message names every failed worker
+CHECKPOINTS = CheckpointConfig(
+    num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max"
+)
 
 
 class TrainingError(RuntimeError):
@@ -88,30 +83,11 @@ class TrainOutcome:
 def history_csv(history: list[dict[str, float]]) -> str:
     """The curves DVC plots: one row per epoch."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
+    writer = csv.writer(buffer)
+    writer.writerow(HISTORY_COLUMNS)
     for row in history:
-        writer.writerow(
-            {k: int(row[k]) if k == "epoch" else f"{row[k]:.6f}" for k in HISTORY_COLUMNS}
-        )
+        writer.writerow([int(row["epoch"]), *(f"{row[k]:.6f}" for k in HISTORY_COLUMNS[1:])])
     return buffer.getvalue()
-
-
-def _fit(
-    params: Params,
-    name: ModelName,
-    use_gpu: bool,
-    ray_name: str,
-    storage: str,
-    recorder: RunRecorder,
-) -> Result:
-    data = WorkerData.of(open_prepared(Path(params.paths.prepared))).share()
-    checkpoints = CheckpointConfig(
-        num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max"
-    )
-    # Same name and storage as an earlier attempt: Ray resumes from its latest checkpoint.
-    trainer = build_trainer(params, name, use_gpu, data, ray_name, storage, checkpoints, [recorder])
-    return trainer.fit()
 
 
 def resume_epoch(run_path: str) -> int:
@@ -157,14 +133,6 @@ def describe_failure(
     )
 
 
-def _best_network(result: Result) -> tuple[dict[str, torch.Tensor], int]:
-    best = result.get_best_checkpoint(MONITOR, "max")
-    if best is None:
-        raise RuntimeError(f"training reported no checkpoint (run at {result.path})")
-    with best.as_directory() as folder:
-        return state_dict_from_lightning(Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME)
-
-
 def _ray_params(settings: Settings, params: Params, use_gpu: bool, storage: str) -> dict[str, str]:
     """What the MLflow run records of Ray (and a resumed run must match)."""
     scaling = params.train.scaling
@@ -187,7 +155,13 @@ def _export(
     history: list[dict[str, float]] = returned["history"]
     # Epochs committed just before an earlier driver died may not have been logged.
     log_new_epochs(MlflowClient(mlflow.get_tracking_uri()), run_id, history)
-    state, epoch = _best_network(result)
+    best = result.get_best_checkpoint(MONITOR, "max")
+    if best is None:
+        raise RuntimeError(f"training reported no checkpoint (run at {result.path})")
+    with best.as_directory() as folder:
+        state, epoch = state_dict_from_lightning(
+            Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
+        )
     best_row = next(row for row in history if int(row["epoch"]) == epoch)
     spec = ModelSpec.describe(
         name,
@@ -213,11 +187,9 @@ def train_model(
     params: Params, name: ModelName, settings: Settings, run_name: str | None = None
 ) -> TrainOutcome:
     """Train `name` on Ray workers inside one MLflow run; export and log its best checkpoint.
-
-    `run_name` (default: the model's name) identifies the run: an unfinished run of the same
-    name, params and data is resumed from its latest checkpoint. Nothing is written to
-    `models/` unless training and logging both succeed.
-    """
+    An unfinished run of the same `run_name` (default: the model's), params and data resumes
+    from its latest checkpoint. Nothing is written to `models/` unless training and logging
+    both succeed."""
     run_name = run_name or name
     if not RUN_NAME.fullmatch(run_name):
         raise ValueError(f"run name {run_name!r}: use letters, digits, '.', '_' and '-' only")
@@ -247,8 +219,12 @@ def train_model(
                     "resuming run %s (MLflow run %s) from epoch %d", run_name, run.run_id, start
                 )
             recorder = RunRecorder(uri, run.run_id, params.train.max_failures)
+            shared = WorkerData.of(data).share()
+            trainer = build_trainer(
+                params, name, use_gpu, shared, ray_name, storage, CHECKPOINTS, [recorder]
+            )
             try:
-                result = _fit(params, name, use_gpu, ray_name, storage, recorder)
+                result = trainer.fit()
             except TrainingFailedError as error:
                 epoch = max(logged_epochs(MlflowClient(uri), run.run_id), default=-1) + 1
                 epochs, budget = params.train.model(name).epochs, params.train.max_failures

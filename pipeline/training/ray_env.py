@@ -17,18 +17,15 @@ from pipeline.config.params import Params, ParamsError
 from pipeline.data.atomic import is_object_store
 
 # glibc malloc settings for the processes that train, set where Ray starts them (local Ray,
-# submitted jobs, the image): freed memory stays in the heap instead of going back to the
-# kernel, where glibc's defaults mapped and unmapped each batch's activations anew. One arena:
-# Ray Train runs the training loop in a thread, whose own arena kept trimming and faulting.
-# The measurements are in bench/README.md (training, the malloc row).
-# glibc reads them at process start; 32 MiB is the largest mmap threshold it accepts.
+# submitted jobs, the image): freed memory stays in the heap, where glibc's defaults mapped and
+# unmapped each batch's activations anew; one arena, as Ray Train's training thread kept
+# trimming its own (bench/README.md, the malloc row). glibc reads them at process start; 32 MiB
+# is the largest mmap threshold it accepts.
 TRAINING_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
     "MALLOC_TRIM_THRESHOLD_": "4294967296",
     "MALLOC_ARENA_MAX": "1",
 }
-
-
 # Ray Train's controller settings for a Ray this process starts on its own machine: workers
 # polled more often (the end of a run is noticed sooner) and no preemption watcher (a
 # one-machine Ray has no node drains to watch for); bench/README.md has the measurements.
@@ -119,12 +116,6 @@ def check_object_store(path: str, key: str = "train.storage_path") -> None:
         ) from None
 
 
-def storage_uri(path: str) -> str:
-    """What Ray Train gets: a remote URI as is, a folder made absolute (the job's cwd is not
-    where the user stood)."""
-    return path if is_object_store(path) else str(Path(path).expanduser().resolve())
-
-
 @ray.remote(num_cpus=0)
 def _sees(probe: str) -> bool:
     return Path(probe).is_file()
@@ -156,10 +147,13 @@ def unreachable_nodes(folder: Path) -> list[str]:
 
 
 def check_storage(path: str) -> str:
-    """The storage URI for Ray Train, after making sure every node of the connected cluster
-    can reach it; raises StorageError naming the nodes that cannot."""
-    uri = storage_uri(path)
-    if is_object_store(uri) or len([n for n in ray.nodes() if n["Alive"]]) < 2:
+    """The storage URI for Ray Train (a folder made absolute: the job's cwd is not where the
+    user stood), once every node of the cluster can reach it, else StorageError naming those
+    that cannot."""
+    if is_object_store(path):
+        return path
+    uri = str(Path(path).expanduser().resolve())
+    if len([n for n in ray.nodes() if n["Alive"]]) < 2:
         return uri
     missing = unreachable_nodes(Path(uri))
     if missing:

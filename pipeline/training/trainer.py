@@ -25,9 +25,7 @@ def build_trainer(
 ) -> TorchTrainer:
     """`worker_loop` on `train.scaling` workers (one GPU each when `use_gpu`), its checkpoints
     under `storage`/`run_name`: a run of the same name resumes from its latest checkpoint.
-
-    `callbacks` are Ray Train callbacks only: Tune's own go in Tune's RunConfig.
-    """
+    `callbacks` are Ray Train callbacks only: Tune's own go in Tune's RunConfig."""
     scaling = params.train.scaling
     per_worker = {"CPU": float(scaling.cpus_per_worker)} | ({"GPU": 1.0} if use_gpu else {})
     return TorchTrainer(

@@ -1,8 +1,7 @@
 """What runs on each Ray Train worker: the loaders, the Lightning callbacks and `worker_loop`.
 
-Apart from the driver (`pipeline.training.driver`): a worker process imports this module to unpickle
-its training function, and it needs neither MLflow nor the driver's plotting and export
-code (about a second of imports less in every worker, on the path of each training's start).
+Apart from the driver: a worker imports this module to unpickle its training function, and
+needs neither MLflow nor the driver's export code (a second of imports less per worker start).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from pipeline.data.prepared import Normalization, PreparedData, SplitArrays
 from pipeline.models.artifact import state_dict_from_lightning
 from pipeline.models.module import Classifier
 from pipeline.models.networks import build_network
-from pipeline.tracking.epochs import EPOCH_SECONDS
+from pipeline.tracking.epochs import EPOCH_METRICS, EPOCH_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +49,7 @@ class CheckpointError(RuntimeError):
 
 class EpochHistory(pl.Callback):
     """Per-epoch metrics, per-rank sample counts and the runtime; history survives resumes.
-
-    Must precede `RayTrainReportCallback`: the counts it logs are part of each report.
-    """
+    Must precede `RayTrainReportCallback`: the counts it logs are part of each report."""
 
     def __init__(self, total_epochs: int) -> None:
         self.total_epochs = total_epochs
@@ -61,56 +58,45 @@ class EpochHistory(pl.Callback):
         self._samples = 0
         self._started = 0.0
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         distributed = torch.distributed.is_initialized()
         self.runtime = {
             "backend": torch.distributed.get_backend() if distributed else "none",
             "precision": str(trainer.precision),
-            "device": str(pl_module.device),
+            "device": str(module.device),
             "world_size": trainer.world_size,
             "torch_threads": torch.get_num_threads(),
         }
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._samples = 0
         self._started = time.perf_counter()
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._samples += len(batch[1])
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        counts = pl_module.all_gather(torch.tensor(self._samples, device=pl_module.device))
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        counts = module.all_gather(torch.tensor(self._samples, device=module.device))
         assert isinstance(counts, torch.Tensor)
         per_rank = [float(c) for c in counts.reshape(-1).tolist()]
         # Already global after all_gather; "max" only tells Lightning so.
         for rank, count in enumerate(per_rank):
-            pl_module.log(f"train/samples_rank{rank}", count, sync_dist=True, reduce_fx="max")
-        pl_module.log("train/samples", sum(per_rank), sync_dist=True, reduce_fx="max")
+            module.log(f"train/samples_rank{rank}", count, sync_dist=True, reduce_fx="max")
+        module.log("train/samples", sum(per_rank), sync_dist=True, reduce_fx="max")
         elapsed = time.perf_counter() - self._started
         # The slowest rank's training + validation time: what the epoch cost.
-        pl_module.log(EPOCH_SECONDS, elapsed, sync_dist=True, reduce_fx="max")
+        module.log(EPOCH_SECONDS, elapsed, sync_dist=True, reduce_fx="max")
         # The history holds what the training computed; the epoch's seconds reach MLflow with
         # Ray's report (the recorder), so that a rerun of the same seed has the same history.
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != EPOCH_SECONDS}
         row = {"epoch": float(trainer.current_epoch)} | metrics
         self.rows.append(row)
         if trainer.is_global_zero:
-            log.info(
-                "epoch %d/%d  train/loss %.4f  val/loss %.4f  val/accuracy %.4f  (%.1f s)",
-                trainer.current_epoch + 1,
-                self.total_epochs,
-                row.get("train/loss", float("nan")),
-                row.get("val/loss", float("nan")),
-                row.get("val/accuracy", float("nan")),
-                elapsed,
-            )
+            shown = "  ".join(f"{key} {row.get(key, math.nan):.4f}" for key in EPOCH_METRICS)
+            epoch = trainer.current_epoch + 1
+            log.info("epoch %d/%d  %s  (%.1f s)", epoch, self.total_epochs, shown, elapsed)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows}
@@ -120,10 +106,9 @@ class EpochHistory(pl.Callback):
 
 
 class RngState(pl.Callback):
-    """Checkpoints torch's generators (the only ones training draws from: dropout,
-    augmentation, loader seeds), so that an epoch after a resume draws what it would have
-    drawn without the interruption. Every rank has the same state (same seed, same draws),
-    so rank 0's, the one saved, fits all."""
+    """Checkpoints torch's generators (the only ones training draws from), so that an epoch
+    after a resume draws what it would have drawn without the interruption. Every rank has
+    the same state (same seed, same draws), so rank 0's, the one saved, fits all."""
 
     def state_dict(self) -> dict[str, Any]:
         state = {"cpu": torch.get_rng_state()}
@@ -139,10 +124,8 @@ class RngState(pl.Callback):
 
 def verified_checkpoint(folder: Path) -> tuple[Path, int]:
     """The Lightning file of a Ray checkpoint folder and the epoch it ended, once it loads.
-
-    Ray only commits a checkpoint after its files are fully copied, so a damaged one means
-    damaged storage: stop with its path rather than fail somewhere inside Lightning.
-    """
+    Ray commits a checkpoint only once its files are copied, so a damaged one means damaged
+    storage: stop with its path rather than fail somewhere inside Lightning."""
     path = folder / RayTrainReportCallback.CHECKPOINT_NAME
     try:
         _, epoch = state_dict_from_lightning(path)
@@ -154,11 +137,8 @@ def verified_checkpoint(folder: Path) -> tuple[Path, int]:
 @dataclass(frozen=True)
 class WorkerData:
     """What workers train on: the splits in Ray's object store, reachable from every node.
-
-    Handed to workers as a reference (`share`) inside the training config: Ray Train's
-    controller unpickles that config, and an instance there would import this module
-    (Lightning, torch: 3 CPU-seconds before the workers start) in a process that never
-    trains."""
+    Handed over as a reference (`share`): Ray Train's controller unpickles the training config,
+    and an instance there would import Lightning and torch (3 CPU-seconds) for nothing."""
 
     train: ray.ObjectRef[SplitArrays]
     val: ray.ObjectRef[SplitArrays]
@@ -190,16 +170,12 @@ class SplitRows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 
 class ShardBatches(Sampler[torch.Tensor]):
-    """One worker's batches of a split, each a tensor of indices: what DistributedSampler
-    and a batching DataLoader give, without their per-sample cost.
-
-    With it the DataLoader (batch_size=None) fetches each batch whole from `SplitRows`
-    instead of indexing and collating batch_size samples one by one: 0.012 instead of 0.13
-    CPU-seconds per epoch of 55,000 images, about 5% of an MLP epoch on one core. Sharding
-    as DistributedSampler: the order is shuffled with `seed + epoch` (Lightning calls
-    set_epoch, so a resumed run draws the same order), padded by wrapping around so that
-    every rank gets as many samples, and rank r takes every world_size-th index from r.
-    """
+    """One worker's batches of a split, each a tensor of indices: what DistributedSampler and
+    a batching DataLoader give, without their per-sample cost (the DataLoader fetches each batch
+    whole from `SplitRows`: 0.012 instead of 0.13 CPU-seconds per epoch of 55,000 images).
+    Sharded as DistributedSampler: shuffled with `seed + epoch` (Lightning calls set_epoch, so
+    a resumed run draws the same order), padded by wrapping around so that every rank gets as
+    many samples, rank r taking every world_size-th index from r."""
 
     def __init__(
         self, size: int, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int
@@ -228,16 +204,10 @@ class ShardBatches(Sampler[torch.Tensor]):
 
 
 def make_loaders(
-    train: SplitArrays,
-    val: SplitArrays,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
+    train: SplitArrays, val: SplitArrays, batch_size: int, rank: int, world_size: int, seed: int
 ) -> tuple[DataLoader[Any], DataLoader[Any]]:
-    """Worker `rank`'s loaders: its shard of the training split in shuffled batches of
-    `batch_size` (this worker's share of the global batch), its shard of the validation split
-    in batches of EVAL_BATCH, in order."""
+    """Worker `rank`'s shards: of the training split shuffled, in batches of `batch_size` (its
+    share of the global batch), of the validation split in order, in batches of EVAL_BATCH."""
 
     def loader(arrays: SplitArrays, batch: int, shuffle: bool) -> DataLoader[Any]:
         dataset = SplitRows(arrays)
@@ -283,11 +253,8 @@ def _trainer(epochs: int, use_gpu: bool, history: EpochHistory) -> pl.Trainer:
 
 
 def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Runs on each Ray worker: validate params again, train this worker's shard (DDP when
-    there are several).
-
-    Returns (rank 0's reaches the driver) the epoch history and the runtime actually used.
-    """
+    """Validate params again, train this worker's shard (DDP when there are several); return
+    the epoch history and the runtime actually used (rank 0's reaches the driver)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     params = parse_params(config["params"], "params (on a Ray worker)")
@@ -316,15 +283,14 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     )
 
     history = EpochHistory(model_config.epochs)
-    trainer = _trainer(model_config.epochs, use_gpu, history)
-    trainer = prepare_trainer(trainer)
+    trainer = prepare_trainer(_trainer(model_config.epochs, use_gpu, history))
     resume = ray.train.get_checkpoint()
     if resume is None:
         trainer.fit(module, train_loader, val_loader)
     else:
         with resume.as_directory() as folder:
             ckpt, epoch = verified_checkpoint(Path(folder))
-            if ray.train.get_context().get_world_rank() == 0:
+            if context.get_world_rank() == 0:
                 log.info("resuming at epoch %d from %s", epoch + 1, resume.path)
             trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt))
     return {"history": history.rows, "runtime": history.runtime}

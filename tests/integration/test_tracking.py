@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline import cli, evaluate
+from pipeline.compat.dvc import folder_hash as dvc_hash
 from pipeline.config.base import MODEL_NAMES
 from pipeline.config.env import Settings
 from pipeline.config.params import Params
@@ -37,7 +38,6 @@ from pipeline.registry.versions import (
     promote,
     rollback,
 )
-from pipeline.tracking.lineage import dvc_hash
 from pipeline.tracking.manifest import MANIFEST_TAG
 from pipeline.tracking.runs import TrackingError
 from pipeline.training.driver import TrainOutcome, train_model
