@@ -20,10 +20,6 @@ class Settings(BaseSettings):
     """The project's commit when it runs from a copy without .git (a Ray job's upload)."""
     mlflow_tracking_uri: str | None = None
     """The MLflow tracking server or store; unset means `sqlite:///mlflow.db` in the project."""
-    mlflow_tracking_username: str | None = None
-    mlflow_tracking_password: str | None = None
-    mlflow_tracking_token: str | None = None
-    """MLflow's own credentials variables (basic auth, or a bearer token), read as MLflow does."""
     tracking_wait_s: float = 300.0
     """How long a training that has finished waits for an unreachable tracking server before
     it stops with the checkpoints kept (a rerun then finishes the same run)."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import mlflow
 from mlflow.data.numpy_dataset import from_numpy
@@ -48,49 +49,48 @@ def tracking_uri(settings: Settings) -> str:
     return uri
 
 
-def _get(url: str, timeout_s: float) -> int:
-    """The status of a GET with MLflow's own credentials (basic auth or a token) if set."""
-    request = urllib.request.Request(url)
-    settings = Settings()
-    if settings.mlflow_tracking_username:
-        login = f"{settings.mlflow_tracking_username}:{settings.mlflow_tracking_password or ''}"
-        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
-    elif settings.mlflow_tracking_token:
-        request.add_header("Authorization", f"Bearer {settings.mlflow_tracking_token}")
+def _health(uri: str) -> int:
+    """The status of the server's `/health`, which needs no credentials."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as reply:
             return int(reply.status)
     except urllib.error.HTTPError as error:
         return error.code
 
 
-def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def ensure_reachable(uri: str) -> None:
     """Fail fast, before any expensive work, when the tracking store cannot be used: a server
     that does not answer, or refuses this process's credentials."""
-    if uri.startswith(("http://", "https://")):
-        base = uri.rstrip("/")
-        try:
-            health = _get(f"{base}/health", timeout_s)
-            status = _get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout_s)
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({reason}); start it or set "
-                "MLFLOW_TRACKING_URI to a reachable server"
-            ) from None
-        if health != 200:
-            raise TrackingError(f"MLflow tracking server {uri} answered {health}")
-        if status in (401, 403):
-            user = Settings().mlflow_tracking_username
-            who = f"user {user!r} (MLFLOW_TRACKING_USERNAME)" if user else "no credentials"
-            raise TrackingError(
-                f"MLflow tracking server {uri} refused {who}: {status}; check "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-            )
-    elif uri.startswith("sqlite:///"):
+    if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist")
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        health = _health(uri)
+    except OSError as error:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({getattr(error, 'reason', error)}); "
+            "start it or set MLFLOW_TRACKING_URI to a reachable server"
+        ) from None
+    if health != 200:
+        raise TrackingError(f"MLflow tracking server {uri} answered {health}")
+    # MLflow's client authenticates from its own variables; one try, not minutes of retries.
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    try:
+        with mock.patch.dict(os.environ, quick):  # MLflow reads them at each request
+            MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as error:
+        status = error.get_http_status_code()
+        if status not in (401, 403):
+            raise TrackingError(f"MLflow tracking server {uri}: {error.message[:300]}") from None
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        who = f"user {user!r} (MLFLOW_TRACKING_USERNAME)" if user else "no credentials"
+        raise TrackingError(
+            f"MLflow tracking server {uri} refused {who}: {status}; check "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        ) from None
 
 
 def wait_for_tracking(uri: str, budget_s: float) -> None:
@@ -101,7 +101,7 @@ def wait_for_tracking(uri: str, budget_s: float) -> None:
     deadline, pause = time.monotonic() + budget_s, 1.0
     while True:
         try:
-            if _get(f"{uri.rstrip('/')}/health", 5.0) == 200:
+            if _health(uri) == 200:
                 return
         except OSError as error:
             problem = str(getattr(error, "reason", error))

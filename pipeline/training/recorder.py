@@ -7,6 +7,7 @@ workers, and must not import Lightning or the worker code for it (bench/README.m
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -40,7 +41,8 @@ class RunRecorder(UserCallback):
         self.failures = 0
         self.pending: list[dict[str, Any]] = []
 
-    def _client(self) -> MlflowClient:
+    @functools.cached_property  # set up once, in the controller: the driver only pickles it
+    def client(self) -> MlflowClient:
         # This runs in Ray's controller, whose loop also watches the workers: with MLflow's
         # default retries one call to a server that is down blocks it for minutes. One quick
         # try instead; an epoch missed here is logged by the driver when training ends.
@@ -55,7 +57,7 @@ class RunRecorder(UserCallback):
         # Epochs that missed MLflow go with the next one, so that steps stay in order.
         self.pending.append(metrics[0])
         try:
-            log_new_epochs(self._client(), self.run_id, self.pending)
+            log_new_epochs(self.client, self.run_id, self.pending)
             self.pending.clear()
         except (MlflowException, OSError) as error:
             # Not fatal: the driver logs every epoch the run lacks when training ends.
@@ -66,7 +68,7 @@ class RunRecorder(UserCallback):
         if self.failures > self.max_failures:  # as Ray's FailureConfig decides: no restart
             return
         try:
-            count_restart(self._client(), self.run_id)
+            count_restart(self.client, self.run_id)
         except (MlflowException, OSError) as error:
             # Never let bookkeeping stop the restart itself.
             log.warning("restart %d not recorded: %s", self.failures, error)
