@@ -37,7 +37,6 @@ class Evaluation:
     predictions: np.ndarray  # predicted digit per test image
 
     def metrics(self) -> dict[str, object]:
-        """What `metrics/<name>.json` holds."""
         return {
             "test": {
                 "accuracy": round(self.accuracy, 6),
@@ -49,7 +48,6 @@ class Evaluation:
 
 @torch.no_grad()
 def predict_proba(net: nn.Module, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Class probabilities for uint8 images (N, 28, 28)."""
     net.eval()
     outputs = [
         F.softmax(net(to_unit_float(torch.from_numpy(images[i : i + batch_size]))), dim=1)
@@ -59,7 +57,6 @@ def predict_proba(net: nn.Module, images: np.ndarray, batch_size: int = 1000) ->
 
 
 def evaluate(net: nn.Module, test: SplitArrays, batch_size: int = 1000) -> Evaluation:
-    """Score `net` on `test`."""
     probabilities = predict_proba(net, test.images, batch_size)
     labels = test.labels.astype(np.int64)
     predictions = probabilities.argmax(axis=1)
@@ -76,19 +73,9 @@ def evaluate(net: nn.Module, test: SplitArrays, batch_size: int = 1000) -> Evalu
     return Evaluation(loss, accuracy, per_class, confusion, predictions)
 
 
-def confusion_csv(labels: np.ndarray, predictions: np.ndarray) -> str:
-    """One row per test image, the form DVC's confusion template reads."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["actual", "predicted"])
-    writer.writerows(zip(labels.tolist(), predictions.tolist(), strict=True))
-    return buffer.getvalue()
-
-
 def log_evaluation(
     uri: str, run_id: str, evaluation: Evaluation, test: SplitArrays, grid_size: int
 ) -> None:
-    """Test metrics and evaluation figures into the run that trained the model."""
     client = MlflowClient(uri)
     try:
         client.get_run(run_id)
@@ -108,20 +95,16 @@ def log_evaluation(
         },
         artifact_file="evaluation/per_class_accuracy.json",
     )
-    figures = {
-        "confusion_matrix.png": confusion_figure(evaluation.confusion, "test confusion matrix"),
-        "misclassified.png": misclassified_figure(
-            test.images, test.labels, evaluation.predictions, grid_size
-        ),
-    }
-    for path, figure in figures.items():
+    confusion = confusion_figure(evaluation.confusion, "test confusion matrix")
+    wrong = misclassified_figure(test.images, test.labels, evaluation.predictions, grid_size)
+    for path, figure in {"confusion_matrix.png": confusion, "misclassified.png": wrong}.items():
         client.log_figure(run_id, figure, f"evaluation/{path}")
         plt.close(figure)
 
 
 def run(params: Params, name: ModelName, settings: Settings) -> Evaluation:
-    """The stage: score `models/<name>` on the test split; write metrics and the confusion plot,
-    and log both into the MLflow run that trained the model."""
+    """The stage: score `models/<name>` on the test split; metrics and the confusion plot also
+    into the MLflow run that trained it."""
     net, spec = load_model(Path(params.paths.models) / name)
     uri = tracking_uri(settings)
     if spec.run_id:
@@ -131,8 +114,9 @@ def run(params: Params, name: ModelName, settings: Settings) -> Evaluation:
     if spec.run_id:
         log_evaluation(uri, spec.run_id, result, test, params.evaluate.misclassified_grid)
     write_json(Path(params.paths.metrics) / f"{name}.json", result.metrics())
-    write_text(
-        Path(params.paths.plots) / name / "confusion.csv",
-        confusion_csv(test.labels, result.predictions),
-    )
+    # One row per test image: what DVC's confusion template reads.
+    pairs = zip(test.labels.tolist(), result.predictions.tolist(), strict=True)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([("actual", "predicted"), *pairs])
+    write_text(Path(params.paths.plots) / name / "confusion.csv", buffer.getvalue())
     return result

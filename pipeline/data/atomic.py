@@ -16,10 +16,8 @@ from urllib.parse import urlparse
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it over `target` if the block succeeds.
-
-    Works for files and folders alike: the block creates whichever it wants at the yielded path.
-    """
+    """A temporary path beside `target` (for a file or a folder), renamed over `target` if the
+    block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     staged = tmp_root / target.name
@@ -35,12 +33,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write `data` as indented JSON, atomically."""
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write `text`, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 

@@ -1,8 +1,5 @@
-"""A training run's per-epoch metrics and restart count in MLflow.
-
-Light on purpose (MLflow's client and nothing else): Ray Train's controller imports it through
-`pipeline.training.recorder` before the workers start (bench/README.md, fixed overhead).
-"""
+"""A run's per-epoch metrics and restart count; light on purpose (MLflow's client only): Ray
+Train's controller imports it before the workers start (bench/README.md, fixed overhead)."""
 
 from __future__ import annotations
 
@@ -22,8 +19,7 @@ def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
 
 
 def logged_history(client: MlflowClient, run_id: str) -> list[dict[str, float]]:
-    """The run's per-epoch metrics as rows (`epoch` = step), in epoch order (`logged_epochs`
-    is the cheap question, which epochs; this reads every metric's history)."""
+    """The run's per-epoch metrics as rows (`epoch` = step), in order; reads every history."""
     by_epoch: dict[int, dict[str, float]] = {}
     for key in EPOCH_METRICS:
         for metric in client.get_metric_history(run_id, key):
@@ -32,8 +28,7 @@ def logged_history(client: MlflowClient, run_id: str) -> list[dict[str, float]]:
 
 
 def log_new_epochs(client: MlflowClient, run_id: str, rows: list[dict[str, float]]) -> None:
-    """Log each row's metrics at step = its epoch, except epochs the run already has: a resumed
-    or backfilled run never gets a second value for a step."""
+    """Each row's metrics at step = its epoch, but for epochs the run has: no step twice."""
     done = logged_epochs(client, run_id)
     now = int(time.time() * 1000)
     metrics = [

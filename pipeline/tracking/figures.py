@@ -17,7 +17,6 @@ from pipeline.data.prepared import CLASSES  # noqa: E402
 
 
 def confusion_figure(confusion: np.ndarray, title: str) -> Figure:
-    """Counts of (true, predicted) with every cell labelled."""
     figure, axes = plt.subplots(figsize=(7, 6))
     image = axes.imshow(np.log1p(confusion), cmap="Blues")
     for (row, col), count in np.ndenumerate(confusion):
@@ -32,7 +31,7 @@ def confusion_figure(confusion: np.ndarray, title: str) -> Figure:
 
 
 def misclassified_figure(
-    images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, limit: int = 36
+    images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, limit: int
 ) -> Figure:
     """A grid of wrongly classified test images, each captioned `true -> predicted`."""
     wrong = np.flatnonzero(labels != predictions)[:limit]
@@ -50,7 +49,6 @@ def misclassified_figure(
 
 
 def curves_figure(history: list[dict[str, float]], title: str) -> Figure:
-    """Loss per epoch (train and val) and validation accuracy per epoch."""
     epochs = [int(row["epoch"]) for row in history]
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
     for key in ("train/loss", "val/loss"):
@@ -65,7 +63,6 @@ def curves_figure(history: list[dict[str, float]], title: str) -> Figure:
 
 
 def log_training_curves(history: list[dict[str, float]], name: str) -> None:
-    """The curves as a figure in the active run."""
     figure = curves_figure(history, f"{name} training")
     mlflow.log_figure(figure, "training/curves.png")
     plt.close(figure)

@@ -12,8 +12,8 @@ def _git(*args: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD's commit, marked `-dirty` when tracked files differ from it; in a Ray job (whose
-    upload has no .git) the commit `submit` read where the job was submitted."""
+    """HEAD's commit (`-dirty` when tracked files differ); in a Ray job, whose upload has no
+    .git, the commit `submit` read."""
     submitted = Settings().pipeline_git_commit
     if submitted:
         return submitted

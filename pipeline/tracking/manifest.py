@@ -1,7 +1,5 @@
-"""What a logged model promises: its input contract and the SHA-256 of each of its files.
-
-Light on purpose (hashlib only): `pull`, and so the serving service, verify downloads with it.
-"""
+"""What a logged model promises: its input contract and its files' SHA-256; light on purpose
+(hashlib only): `pull`, and so the serving service, verify downloads with it."""
 
 from __future__ import annotations
 
@@ -20,7 +18,6 @@ _DOWNLOAD_NOTE = "registered_model_meta"
 
 
 def files_sha256(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file of a downloaded model under `folder`, by relative path."""
     return {
         str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(folder.rglob("*"))

@@ -21,10 +21,7 @@ MODEL_ARTIFACT = "model"
 
 
 def signature() -> ModelSignature:
-    """The one input contract, as MLflow states it.
-
-    Unnamed tensors: a named input makes pyfunc hand the flavor a dict, which it refuses.
-    """
+    """Unnamed tensors: a named input makes pyfunc hand the flavor a dict, which it refuses."""
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIZE, IMAGE_SIZE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
@@ -32,10 +29,8 @@ def signature() -> ModelSignature:
 
 
 def log_model(net: nn.Module, example: np.ndarray, metadata: dict[str, Any]) -> str:
-    """Log `net` (as probabilities) pickle-free into the active run; return its model URI.
-
-    The uploaded files' SHA-256 go into a run tag, so a later download can be verified.
-    """
+    """Log `net` (as probabilities) pickle-free into the active run, its files' SHA-256 in a
+    tag so that a later download can be verified; its model URI."""
     info = mlflow.pytorch.log_model(
         Probabilities(net).eval(),
         name=MODEL_ARTIFACT,

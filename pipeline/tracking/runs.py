@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.compat.dvc import folder_hash
 from pipeline.config.base import ModelName
 from pipeline.config.env import Settings
-from pipeline.config.params import Params
+from pipeline.config.params import Params, leaves
 from pipeline.data.prepared import open_prepared
 from pipeline.tracking.epochs import RESTARTS_TAG
 from pipeline.tracking.lineage import git_commit
@@ -40,8 +40,7 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri(settings: Settings) -> str:
-    """`MLFLOW_TRACKING_URI`, or the project's SQLite store; relative SQLite paths made absolute
-    so Ray workers (other working directories) write to the same file."""
+    """`MLFLOW_TRACKING_URI` or the project's SQLite store, made absolute for Ray's workers."""
     uri = settings.mlflow_tracking_uri or DEFAULT_TRACKING_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
@@ -59,8 +58,7 @@ def _health(uri: str) -> int:
 
 
 def ensure_reachable(uri: str) -> None:
-    """Fail fast, before any expensive work, when the tracking store cannot be used: a server
-    that does not answer, or refuses this process's credentials."""
+    """Fail before any expensive work when the server is down or refuses our credentials."""
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
@@ -94,8 +92,7 @@ def ensure_reachable(uri: str) -> None:
 
 
 def wait_for_tracking(uri: str, budget_s: float) -> None:
-    """Until the tracking server answers again, backing off up to 30 s between tries; after
-    `budget_s`, TrackingError. A store that is not a server is always there."""
+    """Until the tracking server answers again (backing off up to 30 s), at most `budget_s`."""
     if not uri.startswith(("http://", "https://")):
         return
     deadline, pause = time.monotonic() + budget_s, 1.0
@@ -118,16 +115,9 @@ def wait_for_tracking(uri: str, budget_s: float) -> None:
         pause = min(pause * 2, 30.0)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """`{"a": {"b": 1}}` -> `{"a.b": "1"}`; lists stay whole."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{path}.")
-        else:
-            flat[path] = json.dumps(value) if isinstance(value, list) else str(value)
-    return flat
+def flatten(tree: dict[str, Any]) -> dict[str, str]:
+    """`leaves` as MLflow params: strings, lists as JSON."""
+    return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in leaves(tree).items()}
 
 
 def stage_params(params: Params, name: ModelName) -> dict[str, str]:
@@ -138,8 +128,8 @@ def stage_params(params: Params, name: ModelName) -> dict[str, str]:
 
 
 def ensure_experiment(uri: str, name: str) -> None:
-    """Create the experiment if missing; a SQLite store keeps its artifacts beside it
-    (MLflow's default, ./mlruns of whatever the working directory is, scatters them)."""
+    """Create the experiment if missing; a SQLite store's artifacts beside it, not in ./mlruns
+    of whatever the working directory is."""
     client = MlflowClient(uri)
     if client.get_experiment_by_name(name) is not None:
         return
@@ -166,7 +156,6 @@ class OpenRun:
 
 
 def latest_run(client: MlflowClient, experiment_id: str, filter_string: str) -> Run | None:
-    """The latest run matching `filter_string`, if any (deleted runs are not seen)."""
     runs = client.search_runs(
         [experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1
     )
@@ -184,9 +173,8 @@ def previous_run(
 def unfinished_decision(
     previous: Run | None, kind: str, name: str, mismatch: Callable[[Run], str | None]
 ) -> tuple[str | None, str]:
-    """(the MLflow run id to resume or None, why): the resume policy of train and tune alike.
-    Only an unfinished run (of this `kind`, "run" or "search", named `name`) is resumed, and
-    only when `mismatch(previous)` finds nothing that differs (else it says what does)."""
+    """(run id to resume or None, why), for train and tune alike: only an unfinished run, and
+    only when `mismatch(previous)` finds nothing that differs."""
     if previous is None:
         return None, f"no earlier {kind} of that name"
     label = f"{kind} {name} (MLflow run {previous.info.run_id})"
@@ -219,9 +207,8 @@ def resume_decision(
 
 
 def failure_line(error: BaseException | str, limit: int = 300) -> str:
-    """One line for the failure tag. An exception: its type and the first line of its message.
-    A text trace (Tune keeps a trial's error as one): its last line, the exception that ended
-    it (Ray puts the cause last)."""
+    """One line for the failure tag: an exception's type and first line, or a text trace's
+    last line (Tune keeps a trial's error as text, Ray puts the cause last)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if isinstance(error, str):
         text = lines[-1] if lines else "unknown error"
@@ -240,11 +227,8 @@ def training_run(
     run_name: str,
     run_params: dict[str, str],
 ) -> Iterator[OpenRun]:
-    """Open the one MLflow run of this training (the driver's): the unfinished run of the same
-    name, params and data if there is one (see `resume_decision`), else a new run.
-
-    The run ends FINISHED when the block succeeds, FAILED when it raises.
-    """
+    """The driver's MLflow run: the unfinished one of the same name, params and data (see
+    `resume_decision`), else a new one; FINISHED when the block succeeds, FAILED if it raises."""
     mlflow.set_tracking_uri(uri)
     ensure_experiment(uri, params.mlflow.experiment)
     experiment = mlflow.set_experiment(params.mlflow.experiment)
@@ -279,7 +263,6 @@ def _open(
     prepared: Path,
     data_digest: str,
 ) -> OpenRun:
-    """What a new run records first, or a resumed one updates."""
     tags = {"git_commit": git_commit()}
     if previous is not None:
         resumes = int(previous.data.tags.get(RESUMES_TAG, "0")) + 1

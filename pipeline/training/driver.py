@@ -1,8 +1,5 @@
-"""Train stage: Lightning on Ray Train workers; the best checkpoint becomes `models/<name>/`.
-
-`train_model` is the driver: it sizes and starts the workers (`pipeline.training.worker`)
-inside one MLflow run, then exports the best checkpoint.
-"""
+"""Train stage: the driver starts Ray Train workers (`pipeline.training.worker`) inside one
+MLflow run; the best checkpoint becomes `models/<name>/`."""
 
 from __future__ import annotations
 
@@ -82,11 +79,9 @@ class TrainOutcome:
 
 def history_csv(history: list[dict[str, float]]) -> str:
     """The curves DVC plots: one row per epoch."""
+    rows = [[int(r["epoch"]), *(f"{r[k]:.6f}" for k in HISTORY_COLUMNS[1:])] for r in history]
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(HISTORY_COLUMNS)
-    for row in history:
-        writer.writerow([int(row["epoch"]), *(f"{row[k]:.6f}" for k in HISTORY_COLUMNS[1:])])
+    csv.writer(buffer).writerows([HISTORY_COLUMNS, *rows])
     return buffer.getvalue()
 
 
@@ -134,7 +129,7 @@ def describe_failure(
 
 
 def _ray_params(settings: Settings, params: Params, use_gpu: bool, storage: str) -> dict[str, str]:
-    """What the MLflow run records of Ray (and a resumed run must match)."""
+    """What the MLflow run records of Ray, and a resumed run must match."""
     scaling = params.train.scaling
     return {
         "ray.num_workers": str(scaling.num_workers),
@@ -148,7 +143,6 @@ def _ray_params(settings: Settings, params: Params, use_gpu: bool, storage: str)
 def _export(
     params: Params, name: ModelName, data: PreparedData, result: Result, run_id: str
 ) -> TrainOutcome:
-    """The best checkpoint as the network, logged into the run and written to `models/`."""
     returned: dict[str, Any] = result.return_value  # type: ignore[attr-defined]
     log.info("workers ran with %s", returned["runtime"])
     mlflow.set_tags({f"runtime.{k}": str(v) for k, v in returned["runtime"].items()})
@@ -162,15 +156,10 @@ def _export(
         state, epoch = state_dict_from_lightning(
             Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
         )
-    best_row = next(row for row in history if int(row["epoch"]) == epoch)
+    accuracy = next(row[MONITOR] for row in history if int(row["epoch"]) == epoch)
+    net_config = params.train.model(name).net
     spec = ModelSpec.describe(
-        name,
-        params.train.model(name).net,
-        data.normalization,
-        data.digest,
-        epoch=epoch,
-        val_accuracy=best_row[MONITOR],
-        run_id=run_id,
+        name, net_config, data.normalization, data.digest, epoch, accuracy, run_id
     )
     net = spec.build().eval()
     net.load_state_dict(state)
@@ -186,10 +175,8 @@ def _export(
 def train_model(
     params: Params, name: ModelName, settings: Settings, run_name: str | None = None
 ) -> TrainOutcome:
-    """Train `name` on Ray workers inside one MLflow run; export and log its best checkpoint.
-    An unfinished run of the same `run_name` (default: the model's), params and data resumes
-    from its latest checkpoint. Nothing is written to `models/` unless training and logging
-    both succeed."""
+    """Train `name` in one MLflow run (an unfinished one of the same `run_name`, params and data
+    resumes from its checkpoint); `models/` is written only once training and logging succeed."""
     run_name = run_name or name
     if not RUN_NAME.fullmatch(run_name):
         raise ValueError(f"run name {run_name!r}: use letters, digits, '.', '_' and '-' only")

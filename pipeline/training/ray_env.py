@@ -37,7 +37,7 @@ LOCAL_RAY_TRAIN_ENV = {
 
 @contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
-    """Join the cluster at `address`, or start a local Ray sized to this machine for the block."""
+    """Join the cluster at `address`, or start a local Ray for the block."""
     started = not ray.is_initialized()
     if started:
         ray.init(
@@ -54,8 +54,8 @@ def ray_session(address: str | None) -> Iterator[None]:
 
 
 def resolve_scaling(params: Params) -> bool:
-    """Whether the workers use GPUs (`train.scaling.use_gpu`, "auto": if the cluster has
-    any), once `train.scaling` is checked against what the cluster has."""
+    """Whether the workers use GPUs ("auto": if the cluster has any), once `train.scaling`
+    is checked against the cluster."""
     scaling = params.train.scaling
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
@@ -79,8 +79,8 @@ class StorageError(ValueError):
 
 
 def check_object_store(path: str, key: str = "train.storage_path") -> None:
-    """Before Ray starts: an s3:// `path` must be usable with this environment's keys (the
-    ones every node has in a deployment); StorageError names what is wrong."""
+    """Before Ray starts: an s3:// `path` must be usable with this environment's keys (those
+    every node has in a deployment)."""
     if urlparse(path).scheme != "s3":
         return  # a folder (checked on the cluster), or another store's own SDK errors
     try:
@@ -122,8 +122,7 @@ def _sees(probe: str) -> bool:
 
 
 def unreachable_nodes(folder: Path) -> list[str]:
-    """Alive nodes (IP and node id) on which `folder`, written here, does not show: node-local
-    storage. One zero-CPU task per node, pinned to it."""
+    """Alive nodes (IP and id) that do not see a file written here in `folder`: node-local."""
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".storage-probe-{uuid.uuid4().hex}"
     probe.write_text("written by the driver; every Ray node must see this file\n")
@@ -147,9 +146,8 @@ def unreachable_nodes(folder: Path) -> list[str]:
 
 
 def check_storage(path: str) -> str:
-    """The storage URI for Ray Train (a folder made absolute: the job's cwd is not where the
-    user stood), once every node of the cluster can reach it, else StorageError naming those
-    that cannot."""
+    """The storage URI for Ray Train (a folder made absolute: the job's cwd is not the user's),
+    once every node can reach it."""
     if is_object_store(path):
         return path
     uri = str(Path(path).expanduser().resolve())

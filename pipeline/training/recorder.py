@@ -1,9 +1,5 @@
-"""Ray Train's controller-side callback: each committed epoch and each restart into the
-training's MLflow run.
-
-Apart from the driver: Ray Train's controller unpickles this callback before it starts the
-workers, and must not import Lightning or the worker code for it (bench/README.md).
-"""
+"""Ray Train's controller-side callback, apart from the driver: the controller unpickles it
+before the workers start, and must not import Lightning or the worker code (bench/README.md)."""
 
 from __future__ import annotations
 
@@ -27,12 +23,8 @@ CONTROLLER_MLFLOW_ENV = {
 
 
 class RunRecorder(UserCallback):
-    """Runs in Ray Train's controller: writes each epoch into the MLflow run once Ray has
-    committed that epoch's checkpoint, and counts the restarts Ray makes.
-
-    Logging only committed epochs is what keeps steps unique: an epoch cut short by a failure
-    is redone from the previous checkpoint and logged once, when it completes.
-    """
+    """Each epoch into the MLflow run once its checkpoint is committed (so an epoch redone after
+    a failure is logged once), and each restart Ray makes."""
 
     def __init__(self, uri: str, run_id: str, max_failures: int) -> None:
         self.uri = uri

@@ -23,19 +23,15 @@ def build_trainer(
     checkpoints: CheckpointConfig,
     callbacks: list[Any],
 ) -> TorchTrainer:
-    """`worker_loop` on `train.scaling` workers (one GPU each when `use_gpu`), its checkpoints
-    under `storage`/`run_name`: a run of the same name resumes from its latest checkpoint.
-    `callbacks` are Ray Train callbacks only: Tune's own go in Tune's RunConfig."""
+    """`worker_loop` on `train.scaling` workers, resuming a run of the same name; `callbacks`
+    are Ray Train's only: Tune's own go in Tune's RunConfig."""
     scaling = params.train.scaling
     per_worker = {"CPU": float(scaling.cpus_per_worker)} | ({"GPU": 1.0} if use_gpu else {})
     return TorchTrainer(
         worker_loop,  # type: ignore[arg-type]  # Ray hands rank 0's return value back
-        train_loop_config={
-            "params": params.model_dump(mode="json"),
-            "model": name,
-            "use_gpu": use_gpu,
-            "data": data,
-        },
+        train_loop_config=dict(
+            params=params.model_dump(mode="json"), model=name, use_gpu=use_gpu, data=data
+        ),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),

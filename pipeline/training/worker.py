@@ -1,8 +1,5 @@
-"""What runs on each Ray Train worker: the loaders, the Lightning callbacks and `worker_loop`.
-
-Apart from the driver: a worker imports this module to unpickle its training function, and
-needs neither MLflow nor the driver's export code (a second of imports less per worker start).
-"""
+"""What runs on each Ray Train worker, apart from the driver: a worker imports this module to
+unpickle its training function, and needs neither MLflow nor the driver's export code."""
 
 from __future__ import annotations
 
@@ -106,9 +103,8 @@ class EpochHistory(pl.Callback):
 
 
 class RngState(pl.Callback):
-    """Checkpoints torch's generators (the only ones training draws from), so that an epoch
-    after a resume draws what it would have drawn without the interruption. Every rank has
-    the same state (same seed, same draws), so rank 0's, the one saved, fits all."""
+    """Torch's generators in the checkpoint: a resumed epoch draws what it would have drawn.
+    Every rank has the same state (same seed, same draws), so rank 0's fits all."""
 
     def state_dict(self) -> dict[str, Any]:
         state = {"cpu": torch.get_rng_state()}
@@ -123,9 +119,8 @@ class RngState(pl.Callback):
 
 
 def verified_checkpoint(folder: Path) -> tuple[Path, int]:
-    """The Lightning file of a Ray checkpoint folder and the epoch it ended, once it loads.
-    Ray commits a checkpoint only once its files are copied, so a damaged one means damaged
-    storage: stop with its path rather than fail somewhere inside Lightning."""
+    """The Lightning file of a Ray checkpoint and its epoch, once it loads: Ray commits only
+    copied files, so a damaged one is damaged storage, named here rather than deep in Lightning."""
     path = folder / RayTrainReportCallback.CHECKPOINT_NAME
     try:
         _, epoch = state_dict_from_lightning(path)
@@ -136,9 +131,8 @@ def verified_checkpoint(folder: Path) -> tuple[Path, int]:
 
 @dataclass(frozen=True)
 class WorkerData:
-    """What workers train on: the splits in Ray's object store, reachable from every node.
-    Handed over as a reference (`share`): Ray Train's controller unpickles the training config,
-    and an instance there would import Lightning and torch (3 CPU-seconds) for nothing."""
+    """The splits in Ray's object store, handed over as a reference (`share`): the controller
+    unpickles the training config, and an instance there would import Lightning and torch."""
 
     train: ray.ObjectRef[SplitArrays]
     val: ray.ObjectRef[SplitArrays]
@@ -155,8 +149,7 @@ class WorkerData:
 
 
 class SplitRows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """A split as two tensors; an item is a whole batch: (images, labels) at a tensor of
-    indices, taken with one `index_select` each (faster than advanced indexing)."""
+    """An item is a whole batch at a tensor of indices: one `index_select` per tensor."""
 
     def __init__(self, arrays: SplitArrays) -> None:
         self.images = torch.from_numpy(arrays.images)
@@ -170,12 +163,9 @@ class SplitRows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 
 class ShardBatches(Sampler[torch.Tensor]):
-    """One worker's batches of a split, each a tensor of indices: what DistributedSampler and
-    a batching DataLoader give, without their per-sample cost (the DataLoader fetches each batch
-    whole from `SplitRows`: 0.012 instead of 0.13 CPU-seconds per epoch of 55,000 images).
-    Sharded as DistributedSampler: shuffled with `seed + epoch` (Lightning calls set_epoch, so
-    a resumed run draws the same order), padded by wrapping around so that every rank gets as
-    many samples, rank r taking every world_size-th index from r."""
+    """One worker's batches as index tensors: DistributedSampler's sharding (shuffled with
+    `seed + epoch`, set by Lightning, so a resume draws the same order; padded by wrapping)
+    without the per-sample cost of it and of a batching DataLoader."""
 
     def __init__(
         self, size: int, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int
@@ -206,8 +196,7 @@ class ShardBatches(Sampler[torch.Tensor]):
 def make_loaders(
     train: SplitArrays, val: SplitArrays, batch_size: int, rank: int, world_size: int, seed: int
 ) -> tuple[DataLoader[Any], DataLoader[Any]]:
-    """Worker `rank`'s shards: of the training split shuffled, in batches of `batch_size` (its
-    share of the global batch), of the validation split in order, in batches of EVAL_BATCH."""
+    """Worker `rank`'s shards: training shuffled in `batch_size`, validation in EVAL_BATCH."""
 
     def loader(arrays: SplitArrays, batch: int, shuffle: bool) -> DataLoader[Any]:
         dataset = SplitRows(arrays)
@@ -219,9 +208,8 @@ def make_loaders(
 
 
 class WorkerStrategy(RayDDPStrategy):
-    """Ray's DDP strategy, but a lone worker's model is not wrapped in DDP: with no peer,
-    DDP's gradient buckets and all-reduce still cost a fifth of an MLP step on a CPU
-    (bench/README.md). Collectives (metrics, barriers) still run, on a group of one."""
+    """No DDP wrapper for a lone worker: with no peer its buckets and all-reduce still cost
+    (bench/README.md); collectives (metrics, barriers) still run, on a group of one."""
 
     def configure_ddp(self) -> None:
         if self.world_size > 1:
@@ -229,7 +217,6 @@ class WorkerStrategy(RayDDPStrategy):
 
 
 def _trainer(epochs: int, use_gpu: bool, history: EpochHistory) -> pl.Trainer:
-    """Lightning on Ray Train: its environment, the report callback, no logger or sampler."""
     return pl.Trainer(
         max_epochs=epochs,
         accelerator="gpu" if use_gpu else "cpu",
@@ -253,8 +240,7 @@ def _trainer(epochs: int, use_gpu: bool, history: EpochHistory) -> pl.Trainer:
 
 
 def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate params again, train this worker's shard (DDP when there are several); return
-    the epoch history and the runtime actually used (rank 0's reaches the driver)."""
+    """Train this worker's shard; the history and runtime (rank 0's reach the driver)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     params = parse_params(config["params"], "params (on a Ray worker)")
@@ -271,7 +257,6 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         name, model_config.net.model_dump(), data.normalization.mean, data.normalization.std
     )
     module = Classifier(net, model_config)
-    # Each worker sees 1/num_workers of each split (make_loaders shards, not Lightning).
     context = ray.train.get_context()
     train_loader, val_loader = make_loaders(
         ray.get(data.train),

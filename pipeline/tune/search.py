@@ -1,6 +1,5 @@
-"""Hyperparameter search: Ray Tune trials (`pipeline.tune.trial`) sampled by Optuna, stopped by
-ASHA, tracked in MLflow (`pipeline.tune.trial_runs`); the best configuration is written as the
-params.yaml keys it sets (`tune/best_<model>.yaml`), for `dvc exp run -S ...` to apply."""
+"""Hyperparameter search: Ray Tune trials sampled by Optuna, stopped by ASHA, tracked in MLflow;
+the best configuration as the params.yaml keys it sets, for `dvc exp run -S ...` to apply."""
 
 from __future__ import annotations
 
@@ -67,7 +66,6 @@ def max_concurrent_trials(params: Params, use_gpu: bool, num_samples: int) -> in
 
 
 def train_subset(train: SplitArrays, limit: int | None, seed: int) -> SplitArrays:
-    """`limit` training images drawn with `seed` (all of them when `limit` is None)."""
     if limit is None:
         return train
     if limit > len(train):
@@ -81,7 +79,6 @@ def train_subset(train: SplitArrays, limit: int | None, seed: int) -> SplitArray
 def make_tuner(
     setup: TrialSetup, params: Params, search: TrialRecorder, concurrency: int
 ) -> tune.Tuner:
-    """A new Tuner for `search`, or its saved one restored."""
     # A trial only drives its Train run, whose workers have their own CPUs: no CPU of its own,
     # on the head node, the safe place Ray's guide recommends for drivers.
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), head_node())
@@ -116,9 +113,8 @@ def make_tuner(
 def tune_model(
     params: Params, name: ModelName, settings: Settings, search_name: str | None = None
 ) -> SearchOutcome:
-    """Run the search `search_name` (default `tune-<model>`) and write the best configuration
-    found; an unfinished search of the same name, space, params and data is restored from its
-    Tune state instead (its ended trials are not rerun)."""
+    """Run the search `search_name` and write the best configuration; an unfinished search of
+    the same name, space, params and data is restored instead (ended trials are not rerun)."""
     started = time.monotonic()
     search_name = search_name or f"tune-{name}"
     if not RUN_NAME.fullmatch(search_name):
@@ -154,7 +150,6 @@ def tune_model(
 def conclude(
     search: TrialRecorder, params: Params, trials: list[TrialSummary], wall_s: float
 ) -> SearchOutcome:
-    """Write the best file and its summary; record them in the parent run, which ends."""
     ended = [t for t in trials if t.ended]
     num_samples = params.tune.model(search.model).num_samples
     if len(ended) < num_samples:
@@ -201,7 +196,7 @@ def conclude(
 
 
 def record(search: TrialRecorder, outcome: SearchOutcome, trials: list[TrialSummary]) -> None:
-    """The outcome in `tune/best_<model>.json` (the metrics DVC shows) and in the parent run."""
+    """The outcome in `tune/best_<model>.json` (the metrics DVC shows) and the parent run."""
     kept = ("parent_run_id", "best_trial", "trials", "stopped_early", "failed", "epochs_trained")
     summary: dict[str, Any] = {"model": search.model, "search": outcome.search_name}
     summary |= {k: getattr(outcome, k) for k in kept}

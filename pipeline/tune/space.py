@@ -1,5 +1,4 @@
-"""The search space of `params.yaml` (`tune.<model>`) in Tune's terms, and what one trial's
-sampled values make of params."""
+"""The search space of `tune.<model>` in Tune's terms, and what a trial's values make of params."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from typing import Any
 from ray import tune
 
 from pipeline.config.base import ModelName
-from pipeline.config.params import Params, parse_params, with_overrides
+from pipeline.config.params import Params, leaves, parse_params, with_overrides
 from pipeline.config.search import SearchSpace
 
 
@@ -26,7 +25,6 @@ def tune_space(space: SearchSpace) -> dict[str, Any]:
 
 
 def describe_space(space: SearchSpace) -> dict[str, Any]:
-    """The space as the parent run's tag shows it (widths as lists)."""
     return {
         "lr": {"loguniform": [space.lr.low, space.lr.high]},
         "dropout": {"uniform": [space.dropout.low, space.dropout.high]},
@@ -37,7 +35,7 @@ def describe_space(space: SearchSpace) -> dict[str, Any]:
 
 
 def overrides(space: SearchSpace, name: ModelName, config: dict[str, Any]) -> dict[str, Any]:
-    """The params.yaml keys a trial's `config` sets (in params.yaml's structure)."""
+    """The params.yaml keys a trial's `config` sets."""
     return {
         "train": {
             name: {
@@ -53,17 +51,6 @@ def overrides(space: SearchSpace, name: ModelName, config: dict[str, Any]) -> di
     }
 
 
-def leaves(changes: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`, the keys of `with_overrides` (lists stay whole)."""
-    flat: dict[str, Any] = {}
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            flat |= leaves(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def set_param_args(changes: dict[str, Any]) -> list[str]:
     """`dvc exp run -S` arguments that set `changes` (leaves only; lists without spaces)."""
     return [
@@ -76,7 +63,6 @@ def set_param_args(changes: dict[str, Any]) -> list[str]:
 
 
 def apply_command(changes: dict[str, Any]) -> str:
-    """The shell command that retrains with `changes`, then evaluates and registers."""
     return "dvc exp run " + " ".join(f"-S {shlex.quote(arg)}" for arg in set_param_args(changes))
 
 
@@ -102,6 +88,5 @@ def fingerprint(params: Params, name: ModelName, data_digest: str) -> str:
 
 
 def tune_section(params: Params, name: ModelName) -> dict[str, Any]:
-    """params' `tune` section with the space of `name` only."""
     dumped = params.model_dump(mode="json")["tune"]
     return {k: v for k, v in dumped.items() if k not in ("mlp", "cnn")} | {name: dumped[name]}

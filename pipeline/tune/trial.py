@@ -1,7 +1,6 @@
-"""One Tune trial: a Ray Train run (the train stage's `build_trainer`) that reports each epoch
-through Ray's own `TuneReportCallback`, plus the epochs done, which ASHA counts in (Tune's
-`training_iteration` restarts when a restored trial resumes its Train run); the ASHA that
-survives a restore, and the trials as Tune saved them."""
+"""One Tune trial: a Ray Train run reporting each epoch and the epochs done, which ASHA counts in
+(Tune's `training_iteration` restarts when a restored trial resumes); an ASHA that survives a
+restore, and the trials as Tune saved them."""
 
 from __future__ import annotations
 
@@ -41,10 +40,9 @@ class EpochReporter(TuneReportCallback):
 
 @ray.remote(num_cpus=0)
 class PlacementGroupReaper:
-    """Removes a Train run's placement group once its controller is gone: ASHA ends a trial,
-    and its controller, before that can release it, and Ray's own cleaner needs a dashboard
-    found by auto-detection (with none, or several Rays on one machine, the group stays and the
-    next trials wait for CPUs forever)."""
+    """Removes a Train run's placement group once its controller is gone: ASHA ends it before it
+    can, and Ray's own cleaner needs an auto-detected dashboard (else the next trials wait for
+    CPUs forever)."""
 
     def watch(self, controller: Any, group: PlacementGroup, interval_s: float = 2.0) -> None:
         while True:
@@ -84,9 +82,8 @@ class TrialSetup:  # what every trial shares, handed over once through the objec
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """The Train run is named after the trial: a trial restarted by a restored search resumes
-    it from its latest checkpoint, or only reports it if it had trained every epoch (its trial
-    ended just before the search was killed, unrecorded by Tune)."""
+    """A Train run named after the trial: a restored search's trial resumes it, or only reports
+    it if it had trained every epoch (ended just before the kill, unrecorded by Tune)."""
     params = trial_params(parse_params(setup.params, "params of a Tune trial"), setup.model, config)
     run_name = f"trial-{tune.get_context().get_trial_id()}"
     epochs = params.train.model(setup.model).epochs
@@ -108,9 +105,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 
 class ResumingASHA(ASHAScheduler):
-    """ASHA whose rungs survive a restore. Tune saves no scheduler state: restored, ASHA would
-    compare the trials still to come with none of those already run. So each trial that comes
-    back with results has them replayed into its bracket's rungs, in the order they came."""
+    """ASHA whose rungs survive a restore (Tune saves no scheduler state): a trial that comes
+    back with results has them replayed into its bracket, in order."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(time_attr=EPOCHS_DONE, **options)
@@ -130,7 +126,7 @@ class ResumingASHA(ASHAScheduler):
 
 
 def epoch_rows(results: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """One row per epoch (the latest report of it), sorted, with the epoch metrics only."""
+    """One row per epoch (its latest report), sorted, with the epoch metrics only."""
     rows: dict[int, dict[str, float]] = {}
     for result in results:
         epoch = result.get("epoch")
@@ -152,7 +148,6 @@ class TrialSummary:
 
     @classmethod
     def of(cls, trial: Trial, rows: list[dict[str, float]], status: str = "") -> TrialSummary:
-        """`trial` with `status`, or the one Tune gave it; an error as its trace's last line."""
         status = status or trial.status
         error = failure_line(str(trial.get_error() or "")) if status == Trial.ERROR else None
         return cls(trial.trial_id, status, dict(trial.config), rows, error)
@@ -167,7 +162,6 @@ class TrialSummary:
 
 
 def read_trials(path: str) -> list[TrialSummary]:
-    """Every trial of the Tune experiment at `path`, as last saved."""
     # Trials that never reported have no results file: expected, not worth Ray's warning.
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = quiet.level

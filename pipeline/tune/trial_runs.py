@@ -1,12 +1,10 @@
-"""MLflow: a parent run per search (`open_search`: the unfinished one, or a new one), a child
-run per trial written live by the Tune callback `TrialRecorder`, made to agree with Tune's saved
-state at the end by `reconcile`: a trial is recorded once, even across interruptions.
+"""MLflow: a parent run per search, a child run per trial written live by `TrialRecorder` and
+made to agree with Tune's saved state by `reconcile`: each trial recorded once, across kills.
 
 Not Ray's `MLflowLoggerCallback`, which in Ray 2.60 (ray/air/integrations/mlflow.py:305-340)
-keeps its trial -> run map in memory only (a search restored after a kill opens a second run
-per trial), logs at step `training_iteration` (it restarts when a trial resumes; here step =
-epoch), logs Tune's config rather than the params.yaml keys a trial trains with, and knows no
-parent run nor a trial ASHA stopped early.
+keeps its trial -> run map in memory only (a restored search opens a second run per trial),
+logs at step `training_iteration` (restarts on resume; here step = epoch), logs Tune's config,
+not the params.yaml keys, and knows no parent run nor ASHA's early stops.
 """
 
 from __future__ import annotations
@@ -56,7 +54,6 @@ RUN_STATUS = {Trial.TERMINATED: "FINISHED", Trial.ERROR: "FAILED"}  # else KILLE
 
 
 def summary_metrics(rows: list[dict[str, float]]) -> list[Metric]:
-    """A finished trial's last and best epoch, as its child run's summary metrics."""
     if not rows:
         return []
     best, last = max(rows, key=lambda row: row.get(MONITOR, -inf)), rows[-1]
@@ -69,8 +66,8 @@ def summary_metrics(rows: list[dict[str, float]]) -> list[Metric]:
 
 @dataclass(eq=False)  # a stateful callback: equal to itself only
 class TrialRecorder(tune.Callback):
-    """The MLflow runs of one search, in plain client calls: written live as a Tune callback
-    (driver side; a failing call is logged and left to `reconcile`), and by `reconcile`."""
+    """The MLflow runs of one search: live as a Tune callback (a failing call is logged and
+    left to `reconcile`), and by `reconcile`."""
 
     uri: str
     experiment_id: str
@@ -112,8 +109,7 @@ class TrialRecorder(tune.Callback):
         return str(run.info.run_id)
 
     def finish(self, trial: TrialSummary) -> str:
-        """End the trial's child run as `RUN_STATUS` says, FINISHED whether ASHA stopped it
-        early or not; log its epochs first."""
+        """Log the trial's epochs, end its child run as `RUN_STATUS` says (ASHA's stops too)."""
         client, run_id = self.client, self.run_id(trial.trial_id, trial.config)
         log_new_epochs(client, run_id, trial.rows)
         status = RUN_STATUS.get(trial.status, "KILLED")
@@ -178,8 +174,7 @@ class TrialRecorder(tune.Callback):
 
 
 def reconcile(recorder: TrialRecorder, trials: list[TrialSummary]) -> list[TrialSummary]:
-    """Make each child run agree with Tune's saved state (see `TrialRecorder.finish`), every
-    epoch logged once. Returns the trials with the epochs their runs hold."""
+    """Make each child run agree with Tune's saved state; the trials with their runs' epochs."""
     recorded = []
     for trial in trials:
         existing, status = recorder.find(trial.trial_id), RUN_STATUS.get(trial.status, "KILLED")
@@ -201,7 +196,6 @@ def reconcile(recorder: TrialRecorder, trials: list[TrialSummary]) -> list[Trial
 def restorable(
     client: MlflowClient, experiment_id: str, search_name: str, fingerprint_now: str
 ) -> tuple[str | None, str]:
-    """(the parent run of the unfinished search to restore or None, its Tune experiment)."""
     where = f"tags.`{ROLE_TAG}` = 'search' and tags.`{SEARCH_TAG}` = '{search_name}'"
     previous = latest_run(client, experiment_id, where)
 
@@ -223,7 +217,6 @@ def restorable(
 def open_search(
     uri: str, params: Params, name: ModelName, search_name: str, data_digest: str, concurrency: int
 ) -> TrialRecorder:
-    """The unfinished search of the same name, space, params and data, else a new one."""
     ensure_experiment(uri, params.mlflow.experiment)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
