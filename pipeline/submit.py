@@ -1,8 +1,5 @@
-"""Run the pipeline as a Ray job on a cluster: package the project, submit, follow, report.
-
-Ray's Jobs SDK does the work; this module decides what a job of ours runs and ships.
-Token auth needs nothing here: with `RAY_AUTH_MODE=token` the SDK sends `RAY_AUTH_TOKEN`.
-"""
+"""The pipeline as a Ray job: what a job of ours runs and ships (Ray's Jobs SDK does the rest;
+with `RAY_AUTH_MODE=token` it also sends `RAY_AUTH_TOKEN`)."""
 
 from __future__ import annotations
 
@@ -56,7 +53,7 @@ class SubmitError(RuntimeError):
 
 
 def train_entrypoint(model: ModelName, params_file: str, run_name: str) -> str:
-    """Shell command of a training job: the stages a local run goes through, same CLI."""
+    """A training job: the stages a local run goes through, same CLI."""
     m, p = f"--model {model}", f"--params {shlex.quote(params_file)}"
     train = f"train {m} --run-name {shlex.quote(run_name)}"
     steps = ("fetch", "prepare", train, f"evaluate {m}", f"register {m}")
@@ -64,8 +61,7 @@ def train_entrypoint(model: ModelName, params_file: str, run_name: str) -> str:
 
 
 def repro_entrypoint(targets: list[str]) -> str:
-    """Shell command of a whole-pipeline job: `dvc repro` in the uploaded project, which has
-    no .git (Ray leaves it out), so DVC is told to do without."""
+    """`dvc repro`, told to do without git: Ray leaves .git out of the upload."""
     repro = " ".join(["dvc", "repro", *(shlex.quote(t) for t in targets)])
     return f"dvc config --local core.no_scm true && {repro}"
 
@@ -84,8 +80,8 @@ def runtime_env(project: Path, env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def forwarded_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    """What the job gets: the training processes' malloc settings, FORWARDED_ENV where set
-    here, the commit (Ray leaves .git out of the upload), then `extra`."""
+    """The malloc settings, FORWARDED_ENV where set here, the commit (no .git in the upload),
+    then `extra`."""
     forwarded = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
     return TRAINING_ENV | forwarded | {"PIPELINE_GIT_COMMIT": git_commit()} | dict(extra)
 
@@ -102,7 +98,6 @@ class JobOutcome:
 
 
 def connect(address: str) -> JobSubmissionClient:
-    """A Jobs client for the cluster at `address` (its dashboard URL), or a clear error."""
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError, RayError) as error:
@@ -117,7 +112,6 @@ AGENT_WAIT_S = 60.0
 def submit(
     client: JobSubmissionClient, entrypoint: str, env: dict[str, Any], submission_id: str
 ) -> str:
-    """Submit; waits up to AGENT_WAIT_S for a just-started head's job agent."""
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
@@ -140,7 +134,6 @@ async def _stream(client: JobSubmissionClient, job: str, out: Callable[[str], No
 
 
 def follow(client: JobSubmissionClient, job: str, out: Callable[[str], None]) -> JobOutcome:
-    """Stream the job's logs to `out` until it ends; its final status."""
     asyncio.run(_stream(client, job, out))
     # The log stream can close a moment before the status turns terminal.
     while (status := client.get_job_status(job)) not in TERMINAL:

@@ -1,21 +1,6 @@
-"""Create (or re-password) the MLflow users the other services log in as; safe to rerun.
-
-Run once the server answers (infra/compose runs it as the one-shot `mlflow-users` service):
-
-    python infra/mlflow/create_users.py
-
-Environment:
-    MLFLOW_TRACKING_URI                          the server, e.g. http://mlflow:5000
-    MLFLOW_AUTH_ADMIN_USERNAME                   default: admin
-    MLFLOW_AUTH_ADMIN_PASSWORD[_FILE]            the admin's password
-    MLFLOW_TRAINER_USERNAME, MLFLOW_TRAINER_PASSWORD[_FILE]   Ray jobs: log runs, register models
-    MLFLOW_SERVING_USERNAME, MLFLOW_SERVING_PASSWORD[_FILE]   serving: reads the registry
-
-Neither user is an admin. With `default_permission = READ` every user reads everything; the
-trainer owns (MANAGE) the experiments and registered models it creates; serving only reads.
-A password that is empty, shorter than 12 characters, MLflow's old default or a placeholder of
-the examples (change-me) is refused (exit 64) before anything is created.
-"""
+"""Create (or re-password) the non-admin MLflow users `trainer` and `serving` (their variables:
+infra/README.md); safe to rerun. A password that is empty, short, MLflow's old default or a
+placeholder of the examples is refused (exit 64) before anything is created."""
 
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
 """Write a copy of params.yaml with a few keys changed for a cluster run, validated.
 
-A Ray job on a cluster reads the same params.yaml as a local run, except what depends on the
-cluster: mainly `train.storage_path`, which must be shared by every node (a shared folder or an
-s3:// URI). The RayJob of infra/k8s runs, in its working directory:
-
-    python infra/ray/cluster_params.py -S train.storage_path=/shared/ray-results \
-        -o params.cluster.yaml
-    mnist-pipeline train --model cnn --params params.cluster.yaml
-
-Each -S KEY=VALUE sets a dotted key that must already exist; VALUE is read as YAML (so 4, true,
-null and [1, 2] keep their types). The result is checked by the pipeline's own validation.
+What depends on the cluster, mainly `train.storage_path` (shared by every node; the RayJob of
+infra/k8s sets it). Each -S KEY=VALUE sets a dotted key that must already exist; VALUE is read
+as YAML (so 4, true, null and [1, 2] keep their types).
 """
 
 from __future__ import annotations

@@ -1,14 +1,4 @@
-"""Create the stack's buckets on the S3 server; safe to rerun (infra/compose runs it once as
-the one-shot `s3-init` service, the tests before they use the stack).
-
-    python infra/s3/create_buckets.py
-
-Environment:
-    AWS_ENDPOINT_URL                          the S3 server, e.g. http://seaweedfs:8333
-    S3_ADMIN_ACCESS_KEY, S3_ADMIN_SECRET_KEY[_FILE]   the administrator's keys
-    S3_BUCKETS                                the buckets, comma-separated
-    S3_WAIT_S                                 how long to wait for the server (default 120)
-"""
+"""Create the stack's buckets on the S3 server (its variables: infra/README.md); safe to rerun."""
 
 from __future__ import annotations
 
@@ -16,6 +6,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+EXISTS = ("BucketAlreadyOwnedByYou", "BucketAlreadyExists")
 
 
 def setting(name: str) -> str:
@@ -47,10 +39,7 @@ def main() -> None:
                 print(f"s3-init: created {bucket}")
                 break
             except ClientError as error:
-                if error.response["Error"]["Code"] in (
-                    "BucketAlreadyOwnedByYou",
-                    "BucketAlreadyExists",
-                ):
+                if error.response["Error"]["Code"] in EXISTS:
                     print(f"s3-init: {bucket} exists")
                     break
                 raise SystemExit(f"s3-init: {endpoint} refused bucket {bucket}: {error}") from None

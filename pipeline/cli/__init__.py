@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -19,18 +20,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for command in (
-    stages.fetch,
-    stages.prepare,
-    stages.train,
-    stages.tune,
-    stages.evaluate,
-    stages.register,
-    models.pull,
-    models.predict,
-    models.serve,
-    stages.summary,
-):
+commands: list[Callable[..., None]] = [stages.fetch, stages.prepare, stages.train, stages.tune]
+commands += [stages.evaluate, stages.register, models.pull, models.predict, models.serve]
+for command in [*commands, stages.summary]:
     app.command()(command)
 app.add_typer(models.registry_app, name="registry")
 app.add_typer(jobs.submit_app, name="submit")

@@ -1,7 +1,5 @@
-"""One command per pipeline stage (what dvc.yaml runs), and the summary of what they made.
-
-Each command imports its stage when it runs: `--help` and the other stages stay fast.
-"""
+"""One command per pipeline stage (what dvc.yaml runs), and the summary of what they made; each
+imports its stage when it runs, so that `--help` and the other stages stay fast."""
 
 from __future__ import annotations
 
@@ -51,12 +49,9 @@ def train(
     from pipeline.training.driver import train_model
 
     outcome = train_model(config, model, Settings(), run_name)
+    spec, file = outcome.spec, outcome.model_file
     log.info(
-        "%s: best val/accuracy %.4f at epoch %d -> %s",
-        model,
-        outcome.spec.val_accuracy,
-        outcome.spec.epoch,
-        outcome.model_file,
+        "%s: best val/accuracy %.4f at epoch %d -> %s", model, spec.val_accuracy, spec.epoch, file
     )
 
 
@@ -76,14 +71,8 @@ def tune(
     log.info(
         "%s: best val/accuracy %.4f (trial %s) of %d trials (%d stopped early, %d failed) "
         "in %.0f s -> %s",
-        outcome.search_name,
-        outcome.best_accuracy,
-        outcome.best_trial,
-        outcome.trials,
-        outcome.stopped_early,
-        outcome.failed,
-        outcome.wall_s,
-        outcome.best_file,
+        *(outcome.search_name, outcome.best_accuracy, outcome.best_trial, outcome.trials),
+        *(outcome.stopped_early, outcome.failed, outcome.wall_s, outcome.best_file),
     )
     typer.echo(f"retrain, evaluate and register it with:\n  {outcome.apply_command}")
 
@@ -108,12 +97,8 @@ def register(
     from pipeline.registry import register as stage
 
     decision = stage.run(load_params(params), Settings(), (model,) if model else MODEL_NAMES)
-    log.info(
-        "%s: %s (champion: version %s)",
-        decision.registered_model,
-        decision.outcome,
-        decision.champion,
-    )
+    what = (decision.registered_model, decision.outcome, decision.champion)
+    log.info("%s: %s (champion: version %s)", *what)
 
 
 @fail_cleanly

@@ -1,10 +1,6 @@
-"""Micro-batching: concurrent requests share one inference call.
-
-Requests queue their images; one task drains the queue, waiting at most `max_wait_s` for
-more once it holds a request, and runs the batch in a worker thread so the event loop never
-blocks on inference. Each batch uses one model reference, so each result names the version
-that produced it, also while a new version is being swapped in.
-"""
+"""Micro-batching: concurrent requests share one inference call, run in a worker thread so the
+event loop never blocks; one model reference per batch, so each result names the version that
+made it, also while a new one is swapped in."""
 
 from __future__ import annotations
 
@@ -34,7 +30,6 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
 
     async def predict(self, images: np.ndarray) -> Result:
-        """Probabilities for `images` (float32 (N, 28, 28)), and the model that made them."""
         self._holder.require()  # no model yet: refused now, not after waiting in the queue
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(images, future))
@@ -60,7 +55,6 @@ class MicroBatcher:
         return batch
 
     async def run(self) -> None:
-        """Batch after batch, for the app's lifetime."""
         while True:
             batch = await self._collect()
             try:

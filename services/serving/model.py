@@ -1,9 +1,5 @@
-"""The served model: a registry version, pulled and verified, compiled to ONNX Runtime, and
-the holder of the one served now, whose poller swaps in a new version when the alias moves.
-
-Loading checks parity: ONNX Runtime's probabilities must match PyTorch's on the model's own
-input example and on random images, or the version is refused.
-"""
+"""The served model: a registry version, pulled, verified and compiled to ONNX Runtime (refused
+unless its probabilities match PyTorch's), and the holder whose poller swaps in new versions."""
 
 from __future__ import annotations
 
@@ -43,13 +39,11 @@ class ServedModel:
     session: ort.InferenceSession
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """float32 (N, 28, 28) in [0, 1] -> float32 (N, 10) probabilities."""
         name = self.session.get_inputs()[0].name
         return np.asarray(self.session.run(None, {name: images})[0])
 
 
 def _export_onnx(model_dir: Path, target: Path) -> None:
-    """PyTorch (the pt2 program) -> ONNX with a dynamic batch dimension, atomically."""
     for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     module = mlflow.pytorch.load_model(str(model_dir))
@@ -160,7 +154,6 @@ class ModelHolder:
         gc.freeze()
 
     async def poll(self) -> None:
-        """Refresh every `poll_interval_s`, for the app's lifetime."""
         while True:
             try:
                 await asyncio.to_thread(self.refresh)

@@ -1,14 +1,8 @@
-"""The serving app on Ray Serve: `create_app`'s app, built in each replica.
-
-    serve run services/serving/serve_config.yaml                  # replicas, autoscaling, env
-    serve run services.serving.ray_app:build_app model_uri=models:/mnist-classifier@champion
-
-Built in the replica (`@serve.ingress()` plus `__serve_build_asgi_app__`) since Serve pickles a
-prebuilt app, and its Prometheus registry holds a lock that does not pickle; so each replica
-has its own holder, batcher and metrics (`/metrics` answers for one replica), and Serve runs
-the app's lifespan there. Each replica reads `ServingSettings` from its environment, the
-builder's arguments over it; paths should be absolute (replicas run in other directories).
-"""
+"""The serving app on Ray Serve (`serve run services/serving/serve_config.yaml`), built in each
+replica: Serve pickles a prebuilt app, and its Prometheus registry holds a lock that does not
+pickle. So each replica has its own holder, batcher and metrics (`/metrics` answers for one),
+and reads `ServingSettings` from its environment, the builder's arguments over it; paths should
+be absolute (replicas run in other directories)."""
 
 from __future__ import annotations
 
@@ -31,8 +25,6 @@ log = logging.getLogger(__name__)
 
 @serve.ingress()
 class ServingReplica:
-    """One replica: the FastAPI app of `create_app`, its poller and micro-batcher."""
-
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         self.settings = ServingSettings(**(settings or {}))  # over the replica's environment
         # The replica process serves from one store: make it MLflow's process-wide default

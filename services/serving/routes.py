@@ -51,13 +51,11 @@ State = Annotated[ServingState, Depends(serving)]
 
 
 def _v1_response(probabilities: np.ndarray, model: ServedModel) -> PredictResponse:
+    rows = [
+        Prediction(digit=int(row.argmax()), probabilities=row.tolist()) for row in probabilities
+    ]
     return PredictResponse(
-        model_name=model.info.name,
-        model_version=model.info.version,
-        predictions=[
-            Prediction(digit=int(row.argmax()), probabilities=[float(p) for p in row])
-            for row in probabilities
-        ],
+        model_name=model.info.name, model_version=model.info.version, predictions=rows
     )
 
 
@@ -168,18 +166,11 @@ async def _infer(
     _served(state, name, version)
     images = v2_images(body.inputs[0], state.settings.max_images)
     probabilities, model = await state.batcher.predict(images)
+    shape, data = list(probabilities.shape), probabilities.reshape(-1).tolist()
+    output = V2OutputTensor(name="probabilities", shape=shape, datatype="FP32", data=data)
+    info = model.info
     return V2InferResponse(
-        model_name=model.info.name,
-        model_version=model.info.version,
-        id=body.id,
-        outputs=[
-            V2OutputTensor(
-                name="probabilities",
-                shape=list(probabilities.shape),
-                datatype="FP32",
-                data=probabilities.reshape(-1).tolist(),
-            )
-        ],
+        model_name=info.name, model_version=info.version, id=body.id, outputs=[output]
     )
 
 
