@@ -1,13 +1,7 @@
-"""Any image of a digit -> a 28x28 MNIST-style array, the way MNIST itself was made.
-
-MNIST digits are white on black, size-normalised to fit a 20x20 box (aspect kept), then
-placed in 28x28 so that their centre of mass sits at the centre.
-
-Bytes are decoded defensively, since they come from strangers: only the PNG and JPEG
-decoders ever parse them, the pixel count is checked from the header before anything is
-decoded, and the image is brought down to a working size before any conversion, so the
-decoder's own buffer is the only full-size copy in colour.
-"""
+"""Any image of a digit -> a 28x28 MNIST-style array, as MNIST was made: white on black, fit to a
+20x20 box, centred by mass. Bytes come from strangers: only the PNG and JPEG decoders parse
+them, the pixel count is checked from the header first, and the image is brought down to a
+working size before any conversion (the decoder's buffer is the only full-size colour copy)."""
 
 from __future__ import annotations
 
@@ -62,7 +56,6 @@ class ImageError(ValueError):
 
 
 def sniff_format(data: bytes) -> str | None:
-    """The image format the leading bytes announce, if it is one we know by name."""
     head = data[:64].lstrip()
     for name, offset, signatures in _SIGNATURES:
         if head[offset:].startswith(signatures):
@@ -80,9 +73,8 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         named = sniff_format(data)
         if named in ACCEPTED_FORMATS:
-            raise ImageError(
-                f"a damaged {named} image: its header is unreadable", "unreadable"
-            ) from None
+            message = f"a damaged {named} image: its header is unreadable"
+            raise ImageError(message, "unreadable") from None
         if named:
             message = f"{named} images are not accepted (accepted: {', '.join(ACCEPTED_FORMATS)})"
         else:
@@ -90,11 +82,8 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(message, "unsupported_format") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(
-            f"{width} x {height} pixels ({width * height:,}) exceed the limit of "
-            f"{max_pixels:,} pixels",
-            "too_large",
-        )
+        pixels = f"{width} x {height} pixels ({width * height:,})"
+        raise ImageError(f"{pixels} exceed the limit of {max_pixels:,} pixels", "too_large")
     return image
 
 
@@ -113,11 +102,8 @@ def _load(image: Image.Image) -> Image.Image:
 
 
 def _on_paper(image: Image.Image) -> Image.Image:
-    """8-bit gray, transparency as white paper, long side within 2 * WORK_SIDE.
-
-    Shrinks before converting wherever Pillow can, so the only full-size copy beside the
-    decoder's is in a 1- or 2-byte gray mode.
-    """
+    """8-bit gray, transparency as white paper, long side within 2 * WORK_SIDE; shrunk before
+    converting wherever Pillow can, so any other full-size copy is in a 1- or 2-byte mode."""
     factor = max(image.size) // WORK_SIDE if max(image.size) > 2 * WORK_SIDE else 1
     if image.mode.startswith("I;16"):  # convert("L") would clip 16-bit values, not scale them
         info = {key: value for key, value in image.info.items() if key != "transparency"}
@@ -162,11 +148,9 @@ def gray_to_mnist(gray: np.ndarray) -> np.ndarray:
     rows, cols = np.nonzero(gray > INK_THRESHOLD)
     digit = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     scale = BOX / max(digit.shape)
-    height = max(1, round(digit.shape[0] * scale))
-    width = max(1, round(digit.shape[1] * scale))
-    resized = Image.fromarray((digit * 255).astype(np.uint8)).resize(
-        (width, height), Image.Resampling.LANCZOS
-    )
+    height, width = (max(1, round(side * scale)) for side in digit.shape)
+    ink = Image.fromarray((digit * 255).astype(np.uint8))
+    resized = ink.resize((width, height), Image.Resampling.LANCZOS)
     patch = np.asarray(resized, dtype=np.float32) / 255.0
     canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
     mass = patch.sum()

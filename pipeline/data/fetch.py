@@ -51,7 +51,6 @@ def _candidates(mirror: str, name: str) -> list[str]:
 
 
 def _download(source: str, target: Path, timeout_s: float) -> None:
-    """Copy `source` (URL or path) to `target`, with a progress bar."""
     if _is_url(source):
         request = urllib.request.Request(source, headers={"User-Agent": "mnist-pipeline"})
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -83,7 +82,6 @@ def _copy_with_progress(stream: BinaryIO, target: Path, total: int | None, label
 
 
 def _decompress_and_hash(downloaded: Path, gzipped: bool, target: Path) -> str:
-    """Write the decompressed bytes of `downloaded` to `target`; return their SHA-256."""
     digest = hashlib.sha256()
     opener = gzip.open if gzipped else open
     with opener(downloaded, "rb") as src, target.open("wb") as out:

@@ -15,7 +15,6 @@ DATA_REPORT = "data.json"
 
 
 def load_raw(raw_dir: Path, prefix: str) -> SplitArrays:
-    """Images and labels of one original MNIST set (`train` or `t10k`)."""
     images = read_images(raw_dir / f"{prefix}-images-idx3-ubyte")
     labels = read_labels(raw_dir / f"{prefix}-labels-idx1-ubyte")
     if len(images) != len(labels):
@@ -45,7 +44,6 @@ def split_data(
 
 
 def normalization_of(train: SplitArrays) -> Normalization:
-    """Pixel mean and standard deviation of the training split, on the [0, 1] scale."""
     pixels = train.images.astype(np.float64) / 255.0
     return Normalization(mean=round(float(pixels.mean()), 6), std=round(float(pixels.std()), 6))
 
@@ -54,10 +52,8 @@ def class_report(splits: dict[Split, SplitArrays]) -> dict[str, dict[str, int]]:
     """Images per class per split, and each split's total."""
     report: dict[str, dict[str, int]] = {}
     for split, arrays in splits.items():
-        counts = np.bincount(arrays.labels, minlength=len(CLASSES))
-        report[split] = {"total": int(len(arrays))} | {
-            digit: int(count) for digit, count in zip(CLASSES, counts, strict=True)
-        }
+        counts = np.bincount(arrays.labels, minlength=len(CLASSES)).tolist()
+        report[split] = {"total": len(arrays)} | dict(zip(CLASSES, counts, strict=True))
     return report
 
 

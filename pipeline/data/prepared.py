@@ -55,9 +55,9 @@ def save_prepared(
     """Write the splits and manifest into `folder` (expected to be new)."""
     folder.mkdir(parents=True)
     for split in SPLITS:
-        image_file, label_file = _files(split)
-        np.save(folder / image_file, splits[split].images, allow_pickle=False)
-        np.save(folder / label_file, splits[split].labels, allow_pickle=False)
+        arrays = splits[split]
+        for file, array in zip(_files(split), (arrays.images, arrays.labels), strict=True):
+            np.save(folder / file, array, allow_pickle=False)
     manifest = {
         "digest": content_digest(splits),
         "sizes": {split: len(splits[split]) for split in SPLITS},
@@ -75,24 +75,16 @@ class PreparedData:
     sizes: dict[str, int]
 
     def load(self, split: Split) -> SplitArrays:
-        image_file, label_file = _files(split)
-        return SplitArrays(
-            images=np.load(self.folder / image_file, allow_pickle=False),
-            labels=np.load(self.folder / label_file, allow_pickle=False),
-        )
+        images, labels = (np.load(self.folder / f, allow_pickle=False) for f in _files(split))
+        return SplitArrays(images, labels)
 
 
 def open_prepared(folder: Path) -> PreparedData:
-    """The prepared data at `folder`, with a clear error when prepare has not run."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(
             f"{manifest_path} not found: run `mnist-pipeline prepare` (or `dvc repro prepare`)"
         )
     manifest = json.loads(manifest_path.read_text())
-    return PreparedData(
-        folder=folder,
-        digest=manifest["digest"],
-        normalization=Normalization(**manifest["normalization"]),
-        sizes=manifest["sizes"],
-    )
+    normalization = Normalization(**manifest["normalization"])
+    return PreparedData(folder, manifest["digest"], normalization, manifest["sizes"])

@@ -31,7 +31,6 @@ class ModelSpec(StrictModel):
     run_id: str | None = None  # the MLflow run that trained it
 
     def build(self) -> nn.Module:
-        """An untrained network of this architecture."""
         net = NET_CONFIGS[self.kind].model_validate(self.net)
         return build_network(self.kind, net.model_dump(), self.mean, self.std)
 
@@ -59,7 +58,7 @@ class ModelSpec(StrictModel):
 
 
 def save_model(folder: Path, net: nn.Module, spec: ModelSpec) -> Path:
-    """Write `folder/model.pt` atomically (the whole folder appears at once)."""
+    """`folder/model.pt`, the whole folder appearing at once."""
     with atomic_path(folder) as staged:
         staged.mkdir()
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}

@@ -82,14 +82,11 @@ class Classifier(pl.LightningModule):
         self.log("val/accuracy", self.val_accuracy, on_epoch=True)
 
     def configure_optimizers(self) -> Any:
+        lr, steps = self.optim.lr, int(self.trainer.estimated_stepping_batches)
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.optim.lr, weight_decay=self.optim.weight_decay
+            self.parameters(), lr=lr, weight_decay=self.optim.weight_decay
         )
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=self.optim.lr,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-        )
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

@@ -1,8 +1,5 @@
-"""The MLP and CNN as plain `nn.Module`s, sized by plain numbers; each normalises its input.
-
-Input contract: float32 images in [0, 1], shape (N, 28, 28) or (N, 1, 28, 28).
-Output: logits (N, 10).
-"""
+"""The MLP and CNN as plain `nn.Module`s, sized by plain numbers; each normalises its input:
+float32 images in [0, 1], (N, 28, 28) or (N, 1, 28, 28), to logits (N, 10)."""
 
 from __future__ import annotations
 
@@ -87,7 +84,6 @@ NETWORKS: dict[ModelName, type[MLP] | type[CNN]] = {"mlp": MLP, "cnn": CNN}
 
 
 def build_network(kind: ModelName, net: Mapping[str, Any], mean: float, std: float) -> nn.Module:
-    """The network of `kind` from its size arguments (`train.<kind>.net`) and normalisation."""
     return NETWORKS[kind](**net, mean=mean, std=std)
 
 

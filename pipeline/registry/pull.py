@@ -30,8 +30,8 @@ def store_uri(explicit: str | None = None) -> str:
 def pull(
     client: MlflowClient, name: str, out: Path, alias: str | None = None, version: str | None = None
 ) -> dict[str, Any]:
-    """Download `name@alias` (or version) into `out` with `metadata.json`; verify every file
-    against the checksums recorded when the model was logged. `out` appears only if verified."""
+    """`name@alias` (or version) into `out` with `metadata.json`, only once every file matches
+    the checksums recorded when the model was logged."""
     try:
         found = (
             client.get_model_version(name, version)
@@ -62,9 +62,8 @@ def pull(
             raise RegistryError(f"{name} version {found.version}: download does not verify: {bad}")
         model = mlflow.pyfunc.load_model(str(staged))
         probabilities = np.asarray(model.predict(np.zeros((2, 28, 28), dtype=np.float32)))
-        if probabilities.shape != (2, 10) or not np.allclose(
-            probabilities.sum(axis=1), 1, atol=1e-4
-        ):
+        sums = probabilities.sum(axis=1)
+        if probabilities.shape != (2, 10) or not np.allclose(sums, 1, atol=1e-4):
             raise RegistryError(f"{name} version {found.version} does not predict probabilities")
         metadata = {
             "registered_model": name,
@@ -88,8 +87,7 @@ def pull(
 def predict_files(
     model_dir: Path, images: list[Path], max_pixels: int = MAX_PIXELS
 ) -> list[dict[str, Any]]:
-    """Digit and probabilities for each image file, through a pulled model; a file that is
-    refused gets {"file", "error", "kind"} instead, and the others are still predicted."""
+    """Digit and probabilities per image file; a refused file gets {"file", "error", "kind"}."""
     if not (model_dir / "MLmodel").is_file():
         raise FileNotFoundError(f"{model_dir} holds no MLflow model: run `mnist-pipeline pull`")
     results: list[dict[str, Any]] = []

@@ -58,12 +58,8 @@ def run(params: Params, settings: Settings, models: Sequence[ModelName] = MODEL_
         probabilities = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(images))
         return float((probabilities.argmax(axis=1) == test.labels).mean())
 
-    decision = decide_and_promote(
-        client,
-        params.mlflow.registered_model,
-        candidates(params, client, models),
-        params.register_.min_improvement,
-        score_on_test,
-    )
+    found, margin = candidates(params, client, models), params.register_.min_improvement
+    name = params.mlflow.registered_model
+    decision = decide_and_promote(client, name, found, margin, score_on_test)
     write_json(Path(params.paths.reports) / REPORT, asdict(decision))
     return decision

@@ -1,9 +1,8 @@
 """Model registry: versions for candidates, the challenger/champion aliases, and promotion.
 
-MLflow aliases have no compare-and-set, so concurrent promotions coordinate through claims:
-each promoter records a claim (version, score) on the registered model, then repeatedly
-settles the alias on the best recent claim. Whoever settles last has seen every claim made
-before it, so the alias ends on the better version, never on one that lost.
+MLflow aliases have no compare-and-set, so concurrent promotions record claims (version, score)
+on the registered model and repeatedly settle the alias on the best recent one: whoever settles
+last has seen every earlier claim, so the alias never ends on a version that lost.
 """
 
 from __future__ import annotations
@@ -112,8 +111,7 @@ def settle(client: MlflowClient, name: str) -> str | None:
 
 
 def promote(client: MlflowClient, name: str, version: str, pause_s: float = 0.2) -> str:
-    """Make `version` champion unless a concurrent promotion of a better one wins; return
-    the version that holds `champion` afterwards."""
+    """Make `version` champion unless a concurrent promotion of a better one wins; the winner."""
     score = float(client.get_model_version(name, version).tags["test_accuracy"])
     claim = {"score": score, "at": time.time()}
     client.set_registered_model_tag(name, f"{CLAIM_PREFIX}{version}", json.dumps(claim))
@@ -159,11 +157,8 @@ def decide_and_promote(
     min_improvement: float,
     score_on_test: Callable[[str], float],
 ) -> Decision:
-    """Register every candidate, alias the best `challenger`, promote it past the gate.
-
-    `score_on_test(model_uri)` scores a registered model on the current test set, so the
-    incumbent is judged on the same images as the candidates.
-    """
+    """Register every candidate, alias the best `challenger`, promote it past the gate; the
+    incumbent is scored by `score_on_test` on the same images as the candidates."""
     if not candidates:
         raise RegistryError("no candidates to register")
     versions = [ensure_version(client, name, candidate) for candidate in candidates]
@@ -191,22 +186,11 @@ def decide_and_promote(
             winner = str(incumbent.version)
     if winner != chosen and outcome.startswith("promoted"):
         outcome += f"; a concurrent promotion of version {winner} won"
-    decision = Decision(
-        registered_model=name,
-        candidates=[
-            {
-                "model_type": c.model_type,
-                "version": str(v.version),
-                "run_id": c.run_id,
-                "test_accuracy": c.test_accuracy,
-            }
-            for c, v in ranked
-        ],
-        challenger=chosen,
-        incumbent=incumbent_info,
-        min_improvement=min_improvement,
-        outcome=outcome,
-        champion=winner,
-    )
+    listed = [
+        {"model_type": c.model_type, "version": str(v.version), "run_id": c.run_id}
+        | {"test_accuracy": c.test_accuracy}
+        for c, v in ranked
+    ]
+    decision = Decision(name, listed, chosen, incumbent_info, min_improvement, outcome, winner)
     client.set_model_version_tag(name, chosen, "promotion.decision", json.dumps(asdict(decision)))
     return decision
