@@ -25,7 +25,6 @@ DISTURBED = "{}: other processes used {:.0f}% of a CPU (the row is disturbed)"
 
 
 def environment() -> dict[str, Any]:
-    """The machine, the versions, the commit and the load: the report's first line."""
     import torch
 
     from pipeline.tracking.lineage import git_commit
@@ -88,7 +87,6 @@ class CpuMeter:
 
 
 def disturbed(rows: Iterable[dict[str, Any]], *names: str) -> list[str]:
-    """A note for each row during which other processes used DISTURBED_PCT or more."""
     busy = (r for r in rows if r["other_cpu_pct"] >= DISTURBED_PCT)
     return [DISTURBED.format(" ".join(str(r[n]) for n in names), r["other_cpu_pct"]) for r in busy]
 
@@ -108,7 +106,6 @@ def gemm_flops(size: int = 2048, seconds: float = 2.0) -> float:
 
 
 def scratch_params(root: Path, overrides: dict[str, Any], prepared: Path | None = None) -> Any:
-    """The repo's params, every output path under `root`, the prepared data at `prepared`."""
     from testkit.data import params_under
 
     where = {} if prepared is None else {"paths.prepared": str(prepared)}
@@ -116,7 +113,6 @@ def scratch_params(root: Path, overrides: dict[str, Any], prepared: Path | None 
 
 
 def prepared_data(root: Path, train_limit: int | None) -> Path:
-    """MNIST through the pipeline's fetch and prepare into `root`, all or `train_limit` images."""
     from testkit.data import fetch_and_prepare
 
     limits = {"prepare.train_limit": train_limit, "prepare.test_limit": None}

@@ -31,7 +31,6 @@ MLFLOW = (
 
 
 def dvc(repo: Path, args: list[str], env: dict[str, str]) -> tuple[float, str]:
-    """Seconds of one `dvc <args>` as a user types it (the venv's console script)."""
     start = time.perf_counter()
     done = subprocess.run([BIN / "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -67,7 +66,6 @@ def measure_dvc(workdir: Path, repeats: int) -> dict[str, Any]:
 
 
 def mlflow_share(name: str, workdir: Path, prepared: Path, epochs: int | None) -> dict[str, Any]:
-    """One `train_model` of `name` in a fresh process, its MLflow calls timed."""
     overrides = {f"train.{name}.epochs": epochs} if epochs else {}
     params = common.scratch_params(workdir / name, overrides, prepared)
     common.log(f"{name}: train_model with MLflow calls timed ...")

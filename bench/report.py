@@ -38,7 +38,6 @@ def section(title: str, items: Iterable[str | Mapping[str, Any]]) -> list[str]:
 
 
 def header(title: str, module: str, report: Mapping[str, Any]) -> str:
-    """The title, and a line: when, which command, the commit, the machine, the versions."""
     env, command = report["environment"], " ".join([f"python -m {module}", *report["argv"]])
     machine = f"{env['cpu']} ({env['cpus']} CPUs, {env['memory_gib']} GiB), load {env['load']}"
     versions = ", ".join(f"{name} {v}" for name, v in env["versions"].items())

@@ -85,11 +85,8 @@ def from_store(uri: str, experiment: str, run_id: str, rows: list[dict[str, floa
     logged = sorted(client.get_metric_history(run_id, EPOCH_SECONDS), key=lambda m: m.step)
     commits = sorted(m.timestamp / 1000 for m in client.get_metric_history(run_id, "val/accuracy"))
     seconds = [m.value for m in logged]
-    epochs = {
-        "per_epoch_s": seconds,
-        "first_start": commits[0] - seconds[0],
-        "last_end": commits[-1],
-    }
+    first, last = commits[0] - seconds[0], commits[-1]
+    epochs = {"per_epoch_s": seconds, "first_start": first, "last_end": last}
     found = client.get_experiment_by_name(experiment)
     scratch = client.create_run(found.experiment_id).info.run_id  # type: ignore[union-attr]
     recorder, costs = RunRecorder(uri, scratch, max_failures=0), []
@@ -132,11 +129,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     total = mlflow_s() + sum(recorder) + MONITOR_CPU_S[0]
     mlflow = {"driver_calls_s": mlflow_s(), "driver_calls": calls, "per_epoch_logging_s": recorder}
     mlflow |= {"system_metrics_thread_cpu_s": MONITOR_CPU_S[0], "total_s": total}
-    result: dict[str, Any] = {
-        "imports_s": imports_s,
-        "train_model_s": wall,
-        "phases_s": phases(epochs, wall),
-    }
+    result: dict[str, Any] = {"imports_s": imports_s, "train_model_s": wall}
+    result["phases_s"] = phases(epochs, wall)
     result |= {"fixed_overhead_s": wall - result["phases_s"]["epochs"], "epochs": epochs}
     result |= {"mlflow": mlflow | {"share_of_train_model": total / wall}}
     result |= {"runtime": outcome.runtime, "best_val_accuracy": outcome.spec.val_accuracy}

@@ -71,7 +71,6 @@ def payloads(images: np.ndarray, batch: int) -> dict[str, dict[str, list[bytes]]
 
 
 def measure(pid: int, run: Coroutine[Any, Any, Sample], images: int) -> dict[str, Any]:
-    """One run: requests/s, latencies, the CPU of the server, of this client, of the rest."""
     # No collector pauses in the client while measuring: it holds torch's and MLflow's
     # objects, and a full collection of them stalls every request for ~0.3 s.
     gc.collect()

@@ -37,11 +37,8 @@ def targets(results: list[dict[str, Any]], ours: list[str]) -> list[dict[str, An
 
 
 def markdown(report: dict[str, Any]) -> list[str]:
-    config, agreed, title = (
-        report["config"],
-        report["agreement"],
-        "Serving benchmark: ours vs `mlflow models serve`",
-    )
+    config, agreed = report["config"], report["agreement"]
+    title = "Serving benchmark: ours vs `mlflow models serve`"
     pinning = "the client on CPU 0, the servers on the others" if report["pinned"] else "no pinning"
     setup = (
         f"Model `{report['model_uri']}`; {pinning}. Closed loops: {config['warmup']:g} s warm-up, "

@@ -19,7 +19,6 @@ BIN, LOCAL = Path(sys.executable).parent, "http://127.0.0.1:"
 
 
 def prepare_data(root: Path, train_limit: int) -> Any:
-    """MNIST through the real fetch and prepare stages into `root`; a small CNN's params."""
     from testkit.data import fetch_and_prepare, params_under
 
     overrides = {"prepare.train_limit": train_limit, "prepare.val_size": 1000}
@@ -51,10 +50,8 @@ def servers(model_uri: str, variant: str, workdir: Path) -> list[Server]:
         ours[f"ours {key.removeprefix('SERVING_').lower()}={value}"] = base | {key: value}
     found, ports = [], [free_port() for _ in range(len(ours) + 1)]
     for (name, env), port in zip(ours.items(), ports, strict=False):
-        serve, url = (
-            [sys.executable, "-m", "pipeline", "serve", "--port", str(port)],
-            LOCAL + str(port),
-        )
+        url = LOCAL + str(port)
+        serve = [sys.executable, "-m", "pipeline", "serve", "--port", str(port)]
         found.append(Server(name, "ours", serve, env, f"{url}/health/ready", f"{url}/v1/predict"))
     command = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
     command += ["-h", "127.0.0.1", "-p", str(ports[-1]), "-w", "1"]

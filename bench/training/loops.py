@@ -84,7 +84,6 @@ class ReferenceLoop:
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, lr, total_steps=steps)
 
     def epoch(self) -> CpuMeter:
-        """One epoch (training, then validation) on the loop's own random stream, metered."""
         (images, labels), config, meter = self.train, self.config, CpuMeter()
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self.rng)
@@ -127,7 +126,6 @@ class Interleave(pl.Callback):
 
 
 def lightning_interleaved(name: Any, params: Any, reference: ReferenceLoop) -> Interleave:
-    """The project's module on its loaders (rank 0 of 1), reference epochs between."""
     config, data = params.train.model(name), open_prepared(Path(params.paths.prepared))
     pl.seed_everything(params.seed, verbose=False)
     train, val = data.load("train"), data.load("val")

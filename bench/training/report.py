@@ -26,7 +26,6 @@ def versus(row: dict[str, Any]) -> str:
 
 
 def model_targets(model: str, rows: list[dict[str, Any]], default: str) -> list[dict[str, Any]]:
-    """The model's targets: against the loop, Ray's fixed overhead, the GEMM share."""
     paths, found = {r["path"]: r for r in rows if r["model"] == model}, []
     if lit := paths.get("lightning"):
         what = f"{model}: lightning per epoch <= {TARGET_LIGHTNING}x the plain loop"
@@ -47,7 +46,6 @@ def model_targets(model: str, rows: list[dict[str, Any]], default: str) -> list[
 
 
 def phase_table(ray_rows: list[dict[str, Any]]) -> list[str]:
-    """Where each Ray run's time went (seconds): a row per phase, a column per run."""
     phases = [(k, [r["phases_s"][k] for r in ray_rows]) for k in ray_rows[0]["phases_s"]]
     phases += [(label, [r[key] for r in ray_rows]) for key, label in PHASE_EXTRAS.items()]
     columns = ["phase={phase}", *(f"{r['path']}={{s[{i}]:.2f}}" for i, r in enumerate(ray_rows))]

@@ -20,7 +20,6 @@ def steady(seconds: list[float]) -> float:
 
 
 def row(path: str, seconds: list[float], ref_s: float, work: dict[str, Any]) -> dict[str, Any]:
-    """A path's per-epoch seconds, its ratio to `ref_s`, its images/s and GFLOP/s."""
     epoch_s = steady(seconds)
     flops = work["train_images"] * work["train_flops"] + work["val_images"] * work["val_flops"]
     found = {"model": work["model"], "path": path, "epoch_s": epoch_s, "reference_epoch_s": ref_s}
@@ -29,7 +28,6 @@ def row(path: str, seconds: list[float], ref_s: float, work: dict[str, Any]) -> 
 
 
 def bench_model(name: Any, args: Any, prepared: Path, workdir: Path) -> Any:
-    """The rows of `name` (reference, lightning, each Ray run) and its workload."""
     import torch
 
     from bench.training import loops

@@ -180,7 +180,6 @@ def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:
-    """Validate a params mapping; raise `ParamsError` naming every bad key."""
     if not isinstance(raw, dict):
         raise ParamsError(
             f"{source}: expected a mapping at the top level, got {type(raw).__name__}"
@@ -204,7 +203,6 @@ ParamsLoader.add_implicit_resolver(
 
 
 def load_params(path: Path = DEFAULT_PARAMS_FILE) -> Params:
-    """Read and validate a params file."""
     try:
         raw = yaml.load(path.read_text(), Loader=ParamsLoader)  # a SafeLoader: no objects
     except FileNotFoundError:

@@ -67,7 +67,6 @@ class SearchSpace(StrictModel):
         start_from: Sequence[StartPoint]
 
     def width(self) -> list[list[int]]:
-        """The choices of network width (hidden sizes or channels)."""
         widths: list[list[int]] = getattr(self, self.WIDTH_KEY)
         return widths
 

@@ -139,6 +139,5 @@ def fetch_all(mirrors: list[str], out_dir: Path, timeout_s: float = 30.0) -> lis
 
 
 def run(params: Params, settings: Settings) -> list[Path]:
-    """The stage: every configured mirror, `MNIST_MIRROR` first, into `paths.raw`."""
     mirrors = mirror_list(params.fetch.mirrors, settings.mnist_mirror)
     return fetch_all(mirrors, Path(params.paths.raw), params.fetch.timeout_s)

@@ -16,7 +16,6 @@ class IdxError(ValueError):
 
 
 def parse_idx(data: bytes, ndim: int, source: str = "<bytes>") -> np.ndarray:
-    """Parse an unsigned-byte IDX payload of `ndim` dimensions into a uint8 array."""
     if len(data) < 4:
         raise IdxError(f"{source}: too short for an IDX header ({len(data)} bytes)")
     zero, dtype, dims = struct.unpack(">HBB", data[:4])
@@ -41,7 +40,6 @@ def parse_idx(data: bytes, ndim: int, source: str = "<bytes>") -> np.ndarray:
 
 
 def read_images(path: Path) -> np.ndarray:
-    """Images as uint8 (N, rows, cols)."""
     images = parse_idx(path.read_bytes(), 3, str(path))
     if images.shape[1:] != (28, 28):
         raise IdxError(f"{path}: images are {images.shape[1:]}, expected 28x28")
@@ -49,7 +47,6 @@ def read_images(path: Path) -> np.ndarray:
 
 
 def read_labels(path: Path) -> np.ndarray:
-    """Labels as uint8 (N,), each a digit 0-9."""
     labels = parse_idx(path.read_bytes(), 1, str(path))
     if labels.max() > 9:
         raise IdxError(f"{path}: label {int(labels.max())} is not a digit")

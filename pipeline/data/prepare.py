@@ -49,7 +49,6 @@ def normalization_of(train: SplitArrays) -> Normalization:
 
 
 def class_report(splits: dict[Split, SplitArrays]) -> dict[str, dict[str, int]]:
-    """Images per class per split, and each split's total."""
     report: dict[str, dict[str, int]] = {}
     for split, arrays in splits.items():
         counts = np.bincount(arrays.labels, minlength=len(CLASSES)).tolist()

@@ -52,7 +52,6 @@ def content_digest(splits: dict[Split, SplitArrays]) -> str:
 def save_prepared(
     folder: Path, splits: dict[Split, SplitArrays], normalization: Normalization, seed: int
 ) -> None:
-    """Write the splits and manifest into `folder` (expected to be new)."""
     folder.mkdir(parents=True)
     for split in SPLITS:
         arrays = splits[split]

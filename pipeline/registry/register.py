@@ -46,7 +46,6 @@ def candidates(
 
 
 def run(params: Params, settings: Settings, models: Sequence[ModelName] = MODEL_NAMES) -> Decision:
-    """The stage: register `models`, alias, gate; write `reports/registry.json`."""
     uri = tracking_uri(settings)
     ensure_reachable(uri)
     mlflow.set_tracking_uri(uri)

@@ -37,7 +37,6 @@ LOCAL_RAY_TRAIN_ENV = {
 
 @contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
-    """Join the cluster at `address`, or start a local Ray for the block."""
     started = not ray.is_initialized()
     if started:
         ray.init(

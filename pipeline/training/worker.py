@@ -217,6 +217,11 @@ class WorkerStrategy(RayDDPStrategy):
 
 
 def _trainer(epochs: int, use_gpu: bool, history: EpochHistory) -> pl.Trainer:
+    off = ("enable_checkpointing", "enable_progress_bar", "enable_model_summary", "logger")
+    # The loaders are sharded already: no distributed sampler.
+    quiet: dict[str, Any] = dict.fromkeys((*off, "use_distributed_sampler"), False)
+    # Asynchronous: the checkpoint is copied to storage while the next epoch trains.
+    report = RayTrainReportCallback(checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
     return pl.Trainer(
         max_epochs=epochs,
         accelerator="gpu" if use_gpu else "cpu",
@@ -224,18 +229,9 @@ def _trainer(epochs: int, use_gpu: bool, history: EpochHistory) -> pl.Trainer:
         precision="bf16-mixed" if use_gpu else "32-true",
         strategy=WorkerStrategy(),
         plugins=[RayLightningEnvironment()],
-        # Asynchronous: the checkpoint is copied to storage while the next epoch trains.
-        callbacks=[
-            history,
-            RngState(),
-            RayTrainReportCallback(checkpoint_upload_mode=CheckpointUploadMode.ASYNC),
-        ],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
+        callbacks=[history, RngState(), report],
         num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # the loaders are sharded already
+        **quiet,
     )
 
 

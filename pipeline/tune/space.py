@@ -35,20 +35,12 @@ def describe_space(space: SearchSpace) -> dict[str, Any]:
 
 
 def overrides(space: SearchSpace, name: ModelName, config: dict[str, Any]) -> dict[str, Any]:
-    """The params.yaml keys a trial's `config` sets."""
-    return {
-        "train": {
-            name: {
-                "epochs": space.epochs,
-                "batch_size": int(config["batch_size"]),
-                "lr": float(config["lr"]),
-                "net": {
-                    space.WIDTH_KEY: json.loads(config[space.WIDTH_KEY]),
-                    "dropout": float(config["dropout"]),
-                },
-            }
-        }
+    net = {
+        space.WIDTH_KEY: json.loads(config[space.WIDTH_KEY]),
+        "dropout": float(config["dropout"]),
     }
+    sampled = {"batch_size": int(config["batch_size"]), "lr": float(config["lr"]), "net": net}
+    return {"train": {name: {"epochs": space.epochs} | sampled}}
 
 
 def set_param_args(changes: dict[str, Any]) -> list[str]:
