@@ -37,13 +37,9 @@ class Evaluation:
     predictions: np.ndarray  # predicted digit per test image
 
     def metrics(self) -> dict[str, object]:
-        return {
-            "test": {
-                "accuracy": round(self.accuracy, 6),
-                "loss": round(self.loss, 6),
-                "per_class_accuracy": {k: round(v, 6) for k, v in self.per_class_accuracy.items()},
-            }
-        }
+        test = {"accuracy": round(self.accuracy, 6), "loss": round(self.loss, 6)}
+        per_class = {k: round(v, 6) for k, v in self.per_class_accuracy.items()}
+        return {"test": test | {"per_class_accuracy": per_class}}
 
 
 @torch.no_grad()
@@ -86,15 +82,9 @@ def log_evaluation(
         f"test/accuracy_{digit}": value for digit, value in evaluation.per_class_accuracy.items()
     }
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-    client.log_table(
-        run_id,
-        data={
-            "digit": list(evaluation.per_class_accuracy),
-            "accuracy": list(evaluation.per_class_accuracy.values()),
-            "support": evaluation.confusion.sum(axis=1).tolist(),
-        },
-        artifact_file="evaluation/per_class_accuracy.json",
-    )
+    per_class, support = evaluation.per_class_accuracy, evaluation.confusion.sum(axis=1).tolist()
+    table = {"digit": list(per_class), "accuracy": list(per_class.values()), "support": support}
+    client.log_table(run_id, data=table, artifact_file="evaluation/per_class_accuracy.json")
     confusion = confusion_figure(evaluation.confusion, "test confusion matrix")
     wrong = misclassified_figure(test.images, test.labels, evaluation.predictions, grid_size)
     for path, figure in {"confusion_matrix.png": confusion, "misclassified.png": wrong}.items():

@@ -134,24 +134,14 @@ class TuneConfig(StrictModel):
     scheduler: AshaConfig = AshaConfig()
     # Defaults for a params file without the section; params.yaml states its own.
     mlp: MLPSearch = MLPSearch.model_validate(
-        {
-            "num_samples": 12,
-            "epochs": 6,
-            "lr": {"low": 3e-4, "high": 1e-2},
-            "dropout": {"low": 0.0, "high": 0.4},
-            "batch_size": [64, 128, 256],
-            "hidden_sizes": [[256], [512, 256], [1024, 512]],
-        }
+        {"num_samples": 12, "epochs": 6, "batch_size": [64, 128, 256]}
+        | {"lr": {"low": 3e-4, "high": 1e-2}, "dropout": {"low": 0.0, "high": 0.4}}
+        | {"hidden_sizes": [[256], [512, 256], [1024, 512]]}
     )
     cnn: CNNSearch = CNNSearch.model_validate(
-        {
-            "num_samples": 8,
-            "epochs": 4,
-            "lr": {"low": 1e-3, "high": 3e-2},
-            "dropout": {"low": 0.0, "high": 0.3},
-            "batch_size": [64, 128, 256],
-            "channels": [[16, 32, 64], [32, 64, 128], [32, 64, 128, 256]],
-        }
+        {"num_samples": 8, "epochs": 4, "batch_size": [64, 128, 256]}
+        | {"lr": {"low": 1e-3, "high": 3e-2}, "dropout": {"low": 0.0, "high": 0.3}}
+        | {"channels": [[16, 32, 64], [32, 64, 128], [32, 64, 128, 256]]}
     )
 
     @model_validator(mode="after")

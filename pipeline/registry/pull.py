@@ -65,21 +65,14 @@ def pull(
         sums = probabilities.sum(axis=1)
         if probabilities.shape != (2, 10) or not np.allclose(sums, 1, atol=1e-4):
             raise RegistryError(f"{name} version {found.version} does not predict probabilities")
-        metadata = {
-            "registered_model": name,
-            "version": found.version,
-            "aliases": list(found.aliases),
-            "run_id": found.run_id,
-            "model_type": found.tags.get("model_type"),
-            "metrics": {
-                "test_accuracy": float(found.tags.get("test_accuracy", "nan")),
-                "test_loss": float(found.tags.get("test_loss", "nan")),
-            },
-            "data_digest": found.tags.get("data_digest"),
-            "git_commit": found.tags.get("git_commit"),
-            "input_contract": INPUT_CONTRACT,
-            "files_sha256": actual,
-        }
+        tags = found.tags
+        metrics = {k: float(tags.get(k, "nan")) for k in ("test_accuracy", "test_loss")}
+        metadata: dict[str, Any] = {"registered_model": name, "version": found.version}
+        metadata["aliases"] = list(found.aliases)
+        metadata |= {"run_id": found.run_id, "model_type": tags.get("model_type")}
+        metadata["metrics"] = metrics
+        metadata |= {k: tags.get(k) for k in ("data_digest", "git_commit")}
+        metadata |= {"input_contract": INPUT_CONTRACT, "files_sha256": actual}
         (staged / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
 

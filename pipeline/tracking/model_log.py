@@ -31,6 +31,9 @@ def signature() -> ModelSignature:
 def log_model(net: nn.Module, example: np.ndarray, metadata: dict[str, Any]) -> str:
     """Log `net` (as probabilities) pickle-free into the active run, its files' SHA-256 in a
     tag so that a later download can be verified; its model URI."""
+    # Stated, not inferred: inference reloads the model in a subprocess (slow) and keeps
+    # torch's `+cpu` label, which PyPI cannot resolve.
+    pins = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
     info = mlflow.pytorch.log_model(
         Probabilities(net).eval(),
         name=MODEL_ARTIFACT,
@@ -38,13 +41,7 @@ def log_model(net: nn.Module, example: np.ndarray, metadata: dict[str, Any]) -> 
         signature=signature(),
         input_example=example.astype(np.float32),
         metadata=metadata | {"input_contract": INPUT_CONTRACT},
-        # Stated, not inferred: inference reloads the model in a subprocess (slow) and keeps
-        # torch's `+cpu` label, which PyPI cannot resolve.
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-            f"numpy=={np.__version__}",
-        ],
+        pip_requirements=[*pins, f"numpy=={np.__version__}"],
     )
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=scratch))

@@ -206,18 +206,15 @@ def record(search: TrialRecorder, outcome: SearchOutcome, trials: list[TrialSumm
     best_run = search.find(outcome.best_trial)
     metrics = {"best/val_accuracy": outcome.best_accuracy, "trials/total": outcome.trials}
     metrics |= {f"trials/{k}": summary[k] for k in ("stopped_early", "failed", "epochs_trained")}
-    tags = {
-        "tune.best_trial_id": outcome.best_trial,
-        "tune.best_run_id": best_run.info.run_id if best_run else "",
-        "tune.best_config": json.dumps(outcome.best_config, sort_keys=True),
-        "tune.best_params_file": str(outcome.best_file),
-        "tune.apply_command": outcome.apply_command,
-    }
+    best_run_id = best_run.info.run_id if best_run else ""
+    tags = {"best_trial_id": outcome.best_trial, "best_run_id": best_run_id}
+    tags |= {"best_config": json.dumps(outcome.best_config, sort_keys=True)}
+    tags |= {"best_params_file": str(outcome.best_file), "apply_command": outcome.apply_command}
     client, parent_id, now = search.client, search.parent_run_id, int(time.time() * 1000)
     client.log_batch(
         parent_id,
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-        tags=[RunTag(k, v) for k, v in tags.items()],
+        tags=[RunTag(f"tune.{k}", v) for k, v in tags.items()],
     )
     client.log_artifact(parent_id, str(outcome.best_file), "tune")
     listed = [

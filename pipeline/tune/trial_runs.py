@@ -235,23 +235,14 @@ def open_search(
         )
         client.update_run(parent_id, status="RUNNING")
     else:
-        tags = {
-            ROLE_TAG: "search",
-            SEARCH_TAG: search_name,
-            FINGERPRINT_TAG: fingerprint_now,
-            "data.digest": data_digest,
-            "tune.search_space": json.dumps(describe_space(space)),
-            "model_type": name,
-            "git_commit": git_commit(),
-        }
+        tags = {ROLE_TAG: "search", SEARCH_TAG: search_name, FINGERPRINT_TAG: fingerprint_now}
+        tags |= {"data.digest": data_digest, "tune.search_space": json.dumps(describe_space(space))}
+        tags |= {"model_type": name, "git_commit": git_commit()}
         run_name = f"{search_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         path = f"{storage}/{search_name}-{parent_id}"
-        shown = {
-            "seed": dumped["seed"],
-            "prepare": dumped["prepare"],
-            "tune": tune_section(params, name),
-        }
+        shown = {"seed": dumped["seed"], "prepare": dumped["prepare"]}
+        shown["tune"] = tune_section(params, name)
         logged = flatten(shown) | {"ray.max_concurrent_trials": str(concurrency)}
         batch = [Param(k, v) for k, v in logged.items()]
         client.log_batch(parent_id, params=batch, tags=[RunTag(PATH_TAG, path)])

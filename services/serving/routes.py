@@ -145,12 +145,11 @@ def _served(state: ServingState, name: str, version: str | None = None) -> Model
 @router.get("/v2/models/{name}", tags=["v2"])
 async def v2_metadata(name: str, state: State) -> V2ModelMetadata:
     info = _served(state, name)
+    inputs = [V2TensorMetadata(name="images", datatype="FP32", shape=[-1, 28, 28])]
+    outputs = [V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, 10])]
+    versions, platform = [info.version], "onnxruntime_onnx"
     return V2ModelMetadata(
-        name=info.name,
-        versions=[info.version],
-        platform="onnxruntime_onnx",
-        inputs=[V2TensorMetadata(name="images", datatype="FP32", shape=[-1, 28, 28])],
-        outputs=[V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, 10])],
+        name=info.name, versions=versions, platform=platform, inputs=inputs, outputs=outputs
     )
 
 
