@@ -71,8 +71,7 @@ def payloads(images: np.ndarray, batch: int) -> dict[str, dict[str, list[bytes]]
 
 
 def measure(pid: int, run: Coroutine[Any, Any, Sample], images: int) -> dict[str, Any]:
-    # No collector pauses in the client while measuring: it holds torch's and MLflow's
-    # objects, and a full collection of them stalls every request for ~0.3 s.
+    # No collector pauses in the client, which holds torch's and MLflow's objects, while measuring.
     gc.collect()
     gc.disable()
     try:

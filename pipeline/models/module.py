@@ -42,11 +42,9 @@ class Classifier(pl.LightningModule):
     def __init__(self, net: nn.Module, optim: OptimConfig) -> None:
         super().__init__()
         self.save_hyperparameters({"optim": optim.model_dump()})
-        # Channels-last convolution weights make every activation channels-last: oneDNN's
-        # fast path on CPUs (a quarter less time per CNN training step, on 1 or 2 threads;
-        # bench/README.md), tensor cores' on GPUs. Same values and outputs; only 4-D
-        # weights change layout (the MLP has none), in place. Exported models are rebuilt
-        # from the state_dict in the usual layout.
+        # Channels-last conv weights make every activation channels-last: oneDNN's fast path on
+        # CPUs (bench/README.md), tensor cores' on GPUs; same outputs, and exported models are
+        # rebuilt from the state_dict in the usual layout.
         self.net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.optim = optim
         self.val_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
@@ -64,9 +62,8 @@ class Classifier(pl.LightningModule):
         if self.optim.augment:
             x = random_affine(x)
         loss = F.cross_entropy(self(x), labels, label_smoothing=self.optim.label_smoothing)
-        # The epoch's mean loss (weighted by batch size, as on_epoch=True gives), logged once
-        # at the last batch: `self.log` on every step cost a tenth of an MLP step (py-spy,
-        # bench/README.md). Logged before the epoch-end hooks, which read it.
+        # The epoch's batch-weighted mean loss, logged once at the last batch, before the
+        # epoch-end hooks that read it: `self.log` on every step is costly (bench/README.md).
         self._loss_sum += loss.detach() * len(labels)
         self._samples += len(labels)
         if self.trainer.is_last_batch:

@@ -40,12 +40,8 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [Normalize(mean, std), nn.Flatten()]
         width = IMAGE_SIZE * IMAGE_SIZE
         for hidden in hidden_sizes:
-            layers += [
-                nn.Linear(width, hidden, bias=False),
-                nn.BatchNorm1d(hidden),
-                nn.ReLU(inplace=True),
-                nn.Dropout(dropout),
-            ]
+            layers += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden)]
+            layers += [nn.ReLU(inplace=True), nn.Dropout(dropout)]
             width = hidden
         layers.append(nn.Linear(width, NUM_CLASSES))
         self.layers = nn.Sequential(*layers)
@@ -62,18 +58,10 @@ class CNN(nn.Module):
         layers: list[nn.Module] = [Normalize(mean, std)]
         inputs, size = 1, IMAGE_SIZE
         for width in channels:
-            layers += [
-                nn.Conv2d(inputs, width, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
+            layers += [nn.Conv2d(inputs, width, kernel_size=3, padding=1, bias=False)]
+            layers += [nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             inputs, size = width, size // 2
-        layers += [
-            nn.Flatten(),
-            nn.Dropout(dropout),
-            nn.Linear(inputs * size * size, NUM_CLASSES),
-        ]
+        layers += [nn.Flatten(), nn.Dropout(dropout), nn.Linear(inputs * size * size, NUM_CLASSES)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,19 +16,17 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.config.params import Params, ParamsError
 from pipeline.data.atomic import is_object_store
 
-# glibc malloc settings for the processes that train, set where Ray starts them (local Ray,
-# submitted jobs, the image): freed memory stays in the heap, where glibc's defaults mapped and
-# unmapped each batch's activations anew; one arena, as Ray Train's training thread kept
-# trimming its own (bench/README.md, the malloc row). glibc reads them at process start; 32 MiB
-# is the largest mmap threshold it accepts.
+# glibc malloc settings for the training processes, set where Ray starts them (glibc reads them
+# at process start): freed activations stay in the heap instead of being unmapped and faulted
+# back each batch; one arena, as Ray Train's training thread trimmed its own (bench/README.md).
+# The mmap threshold is the largest glibc accepts.
 TRAINING_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
     "MALLOC_TRIM_THRESHOLD_": "4294967296",
     "MALLOC_ARENA_MAX": "1",
 }
-# Ray Train's controller settings for a Ray this process starts on its own machine: workers
-# polled more often (the end of a run is noticed sooner) and no preemption watcher (a
-# one-machine Ray has no node drains to watch for); bench/README.md has the measurements.
+# For a Ray this process starts on its own machine: workers polled more often (a run's end is
+# seen sooner), no preemption watcher (no node drains to watch for); bench/README.md.
 LOCAL_RAY_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",

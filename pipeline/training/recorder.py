@@ -35,9 +35,8 @@ class RunRecorder(UserCallback):
 
     @functools.cached_property  # set up once, in the controller: the driver only pickles it
     def client(self) -> MlflowClient:
-        # This runs in Ray's controller, whose loop also watches the workers: with MLflow's
-        # default retries one call to a server that is down blocks it for minutes. One quick
-        # try instead; an epoch missed here is logged by the driver when training ends.
+        # Ray's controller loop also watches the workers: one quick try, not MLflow's minutes of
+        # retries; an epoch missed here is logged by the driver when training ends.
         os.environ.update(CONTROLLER_MLFLOW_ENV)
         return MlflowClient(self.uri)
 

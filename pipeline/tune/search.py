@@ -167,20 +167,10 @@ def conclude(
     best = max(finished, key=lambda t: t.best_accuracy)
     changes = overrides(params.tune.model(search.model), search.model, best.config)
     best_file = Path(params.paths.tune) / f"best_{search.model}.yaml"
-    outcome = SearchOutcome(
-        search.search_name,
-        search.parent_run_id,
-        best_file,
-        best.trial_id,
-        best.best_accuracy,
-        changes,
-        trials=len(trials),
-        stopped_early=sum(len(t.rows) < search.epochs for t in finished),
-        failed=len(failed),
-        epochs_trained=sum(len(t.rows) for t in ended),
-        wall_s=wall_s,
-        apply_command=apply_command(changes),
-    )
+    found = (search.search_name, search.parent_run_id, best_file, best.trial_id, best.best_accuracy)
+    stopped = sum(len(t.rows) < search.epochs for t in finished)
+    counts = (len(trials), stopped, len(failed), sum(len(t.rows) for t in ended))
+    outcome = SearchOutcome(*found, changes, *counts, wall_s, apply_command(changes))
     header = [
         f"# Best of {len(trials)} trials of search {search.search_name} (MLflow parent run "
         f"{search.parent_run_id}),",

@@ -186,9 +186,8 @@ def reconcile(recorder: TrialRecorder, trials: list[TrialSummary]) -> list[Trial
             log_new_epochs(recorder.client, run_id, trial.rows)
         else:
             run_id = recorder.finish(trial)
-        # The run is the record: an epoch logged live can postdate Tune's last snapshot (a
-        # hard kill) or ASHA's stop (the epoch in flight completes), and the search's summary
-        # must agree with the child runs.
+        # The run is the record: an epoch logged live can postdate Tune's last snapshot (a hard
+        # kill) or ASHA's stop (the epoch in flight completes).
         recorded.append(replace(trial, rows=logged_history(recorder.client, run_id)))
     return recorded
 

@@ -146,9 +146,8 @@ class ModelHolder:
         log.info(
             "now serving %s version %s%s", version.name, number, f" (was {was})" if was else ""
         )
-        # Loading (MLflow, torch.export, ONNX) leaves a large heap; freezing it keeps the
-        # collector's full passes, which otherwise stall requests for tens of ms, short.
-        # Unfreezing first lets the replaced model's cycles be collected.
+        # Loading leaves a large heap: frozen, it stays out of the collector's full passes,
+        # which stall requests; unfreezing first lets the replaced model be collected.
         gc.unfreeze()
         gc.collect()
         gc.freeze()
