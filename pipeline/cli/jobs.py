@@ -54,10 +54,8 @@ def _run_job(
         client.stop_job(job)
         typer.echo(f"\ninterrupted: job {job} stopped", err=True)
         raise typer.Exit(130) from None
-    typer.echo(
-        f"job {job}: {outcome.status.value}" + (f" ({outcome.message})" if outcome.message else ""),
-        err=True,
-    )
+    detail = f" ({outcome.message})" if outcome.message else ""
+    typer.echo(f"job {job}: {outcome.status.value}{detail}", err=True)
     if outcome.status.value != "SUCCEEDED":
         raise typer.Exit(1)
 

@@ -57,12 +57,9 @@ def v2_images(tensor: V2Tensor, limit: int) -> np.ndarray:
 
 
 class UploadDecoder:
-    """Decodes uploads in worker threads, at most `slots` at once and `queue` waiting: memory
-    per decode is bounded by the pixel budget, so this bounds the memory for uploads.
-
-    A slot is given back when the thread ends, not when the request does: a client that
-    hangs up cannot make room for another decode while its own is still running.
-    """
+    """Decodes uploads in worker threads, at most `slots` at once and `queue` waiting, which with
+    the pixel budget bounds their memory; a slot is given back when the thread ends, not the
+    request: a client that hangs up cannot make room while its decode still runs."""
 
     def __init__(self, settings: ServingSettings) -> None:
         self.slots, self.queue = settings.max_image_decodes, settings.max_image_queue
