@@ -92,7 +92,6 @@ def disturbed(rows: Iterable[dict[str, Any]], *names: str) -> list[str]:
 
 
 def gemm_flops(size: int = 2048, seconds: float = 2.0) -> float:
-    """Float32 `torch.mm` FLOP/s on torch's threads: the best of `size`² products for `seconds`."""
     import torch
 
     a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)

@@ -39,7 +39,6 @@ def dvc(repo: Path, args: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 
 def measure_dvc(workdir: Path, repeats: int) -> dict[str, Any]:
-    """No-op `dvc repro` and `dvc status`, alternating, in a small-profile copy of the repo."""
     from pipeline.config.params import with_overrides
     from testkit.data import mirror_folder, raw_params
     from testkit.processes import copy_repo

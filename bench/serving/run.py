@@ -60,7 +60,6 @@ def servers(model_uri: str, variant: str, workdir: Path) -> list[Server]:
 
 
 def agreement(ours: str, mlflow: str, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Both servers on the same 256 images: digits agree, probabilities close, accuracy."""
     import httpx
 
     with httpx.Client(timeout=60) as http:

@@ -1,9 +1,6 @@
 """Write a copy of params.yaml with a few keys changed for a cluster run, validated.
-
-What depends on the cluster, mainly `train.storage_path` (shared by every node; the RayJob of
-infra/k8s sets it). Each -S KEY=VALUE sets a dotted key that must already exist; VALUE is read
-as YAML (so 4, true, null and [1, 2] keep their types).
-"""
+Mainly `train.storage_path`, shared by every node. Each -S KEY=VALUE sets a dotted key that must
+already exist; VALUE is read as YAML (so 4, true, null and [1, 2] keep their types)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """DVC internals the project relies on, each with why, the upstream link and a version guard.
-
-- `folder_hash`: the `<md5>.dir` hash DVC records for a folder in dvc.lock, for folders DVC
-  does not track (a test's prepared data, a Ray job's upload without .git). `dvc.api` has no
-  hashing function (https://github.com/iterative/dvc/issues/4593 asks for one); DVC itself
-  computes it with dvc-data's `build`, called here the same way.
-"""
+`folder_hash`: the `<md5>.dir` hash DVC records for a folder in dvc.lock, for folders DVC does
+not track (a test's prepared data, a Ray job's upload without .git). `dvc.api` has no hashing
+function (https://github.com/iterative/dvc/issues/4593 asks for one); DVC itself computes it
+with dvc-data's `build`, called here the same way."""
 
 from __future__ import annotations
 

@@ -84,10 +84,8 @@ class SearchSpace(StrictModel):
                     problem = f"is outside {key} [low, high]" if ranged else "is not a choice"
                     raise ValueError(f"start_from.{index}.{key}: {values[key]} {problem}")
         if len(self.start_from) > self.num_samples:
-            raise ValueError(
-                f"start_from: {len(self.start_from)} points, more than num_samples "
-                f"({self.num_samples})"
-            )
+            count, limit = len(self.start_from), self.num_samples
+            raise ValueError(f"start_from: {count} points, more than num_samples ({limit})")
         return self
 
 

@@ -56,9 +56,8 @@ def pull(
         os.replace(downloaded, staged)
         actual = files_sha256(staged)
         if actual != expected:
-            bad = sorted(
-                k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)
-            )
+            keys = expected.keys() | actual.keys()
+            bad = sorted(k for k in keys if expected.get(k) != actual.get(k))
             raise RegistryError(f"{name} version {found.version}: download does not verify: {bad}")
         model = mlflow.pyfunc.load_model(str(staged))
         probabilities = np.asarray(model.predict(np.zeros((2, 28, 28), dtype=np.float32)))

@@ -1,9 +1,7 @@
 """Model registry: versions for candidates, the challenger/champion aliases, and promotion.
-
 MLflow aliases have no compare-and-set, so concurrent promotions record claims (version, score)
 on the registered model and repeatedly settle the alias on the best recent one: whoever settles
-last has seen every earlier claim, so the alias never ends on a version that lost.
-"""
+last has seen every earlier claim, so the alias never ends on a version that lost."""
 
 from __future__ import annotations
 
@@ -60,12 +58,8 @@ def ensure_version(client: MlflowClient, name: str, candidate: Candidate) -> Mod
     existing = client.search_model_versions(f"name='{name}' and run_id='{candidate.run_id}'")
     if existing:
         return existing[0]
-    tags = candidate.tags | {
-        "model_type": candidate.model_type,
-        "run_id": candidate.run_id,
-        "test_accuracy": f"{candidate.test_accuracy:.6f}",
-        "test_loss": f"{candidate.test_loss:.6f}",
-    }
+    tags = candidate.tags | {"model_type": candidate.model_type, "run_id": candidate.run_id}
+    tags |= {key: f"{getattr(candidate, key):.6f}" for key in ("test_accuracy", "test_loss")}
     source, model_id = candidate.model_uri, None
     if source.startswith("models:/m-"):  # a logged model: register its files, linked by id
         model_id = source.removeprefix("models:/")

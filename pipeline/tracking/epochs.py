@@ -31,13 +31,9 @@ def log_new_epochs(client: MlflowClient, run_id: str, rows: list[dict[str, float
     """Each row's metrics at step = its epoch, but for epochs the run has: no step twice."""
     done = logged_epochs(client, run_id)
     now = int(time.time() * 1000)
-    metrics = [
-        Metric(key, float(row[key]), now, int(row["epoch"]))
-        for row in rows
-        if int(row["epoch"]) not in done
-        for key in (*EPOCH_METRICS, EPOCH_SECONDS)
-        if key in row
-    ]
+    keys = (*EPOCH_METRICS, EPOCH_SECONDS)
+    new = [row for row in rows if int(row["epoch"]) not in done]
+    metrics = [Metric(k, float(r[k]), now, int(r["epoch"])) for r in new for k in keys if k in r]
     if metrics:
         client.log_batch(run_id, metrics=metrics)
 

@@ -193,9 +193,8 @@ def resume_decision(
 
     def mismatch(run: Run) -> str | None:
         before = run.data.params
-        changed = sorted(
-            k for k in run_params.keys() | before.keys() if before.get(k) != run_params.get(k)
-        )
+        keys = run_params.keys() | before.keys()
+        changed = sorted(k for k in keys if before.get(k) != run_params.get(k))
         if changed:
             shown = ", ".join(f"{k}: {before.get(k)} -> {run_params.get(k)}" for k in changed[:5])
             return f"had other parameters ({shown})"
@@ -237,11 +236,8 @@ def training_run(
     resume_id, why = resume_decision(previous, logged, data_digest)
     if previous is not None:
         log.info("%s: %s", why, "resuming it" if resume_id else "starting a new run")
-    run = mlflow.start_run(
-        run_id=resume_id,
-        run_name=None if resume_id else f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        log_system_metrics=True,
-    )
+    new_name = None if resume_id else f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = mlflow.start_run(run_id=resume_id, run_name=new_name, log_system_metrics=True)
     try:
         yield _open(
             run.info.run_id, previous if resume_id else None, logged, name, prepared, data_digest

@@ -115,11 +115,10 @@ def describe_failure(
             f"worker rank {rank}: {failure_line(cause, CAUSE_LIMIT)}" for rank, cause in failures
         )
     elif isinstance(error, ControllerError):
-        # The controller fails on its own writes to storage (run state, checkpoint records):
-        # its cause names the store, its first line here would only say "controller error".
-        causes = (
-            f"Ray Train's controller: {failure_line(error.controller_failure, 2 * CAUSE_LIMIT)}"
-        )
+        # The controller fails on its own writes to storage: its cause names the store, its
+        # first line would only say "controller error".
+        cause = failure_line(error.controller_failure, 2 * CAUSE_LIMIT)
+        causes = f"Ray Train's controller: {cause}"
     else:
         causes = failure_line(error, CAUSE_LIMIT)
     return (
@@ -131,13 +130,10 @@ def describe_failure(
 def _ray_params(settings: Settings, params: Params, use_gpu: bool, storage: str) -> dict[str, str]:
     """What the MLflow run records of Ray, and a resumed run must match."""
     scaling = params.train.scaling
-    return {
-        "ray.num_workers": str(scaling.num_workers),
-        "ray.cpus_per_worker": str(scaling.cpus_per_worker),
-        "ray.gpus_per_worker": "1" if use_gpu else "0",
-        "ray.cluster": "external" if settings.ray_address else "local",
-        "ray.storage_path": storage,
-    }
+    found = {f"ray.{k}": str(getattr(scaling, k)) for k in ("num_workers", "cpus_per_worker")}
+    found["ray.gpus_per_worker"] = "1" if use_gpu else "0"
+    found["ray.cluster"] = "external" if settings.ray_address else "local"
+    return found | {"ray.storage_path": storage}
 
 
 def _export(

@@ -125,14 +125,8 @@ def unreachable_nodes(folder: Path) -> list[str]:
     probe.write_text("written by the driver; every Ray node must see this file\n")
     try:
         nodes = [node for node in ray.nodes() if node["Alive"]]
-        seen = ray.get(
-            [
-                _sees.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-                ).remote(str(probe))
-                for node in nodes
-            ]
-        )
+        pinned = (NodeAffinitySchedulingStrategy(node["NodeID"], soft=False) for node in nodes)
+        seen = ray.get([_sees.options(scheduling_strategy=s).remote(str(probe)) for s in pinned])
     finally:
         probe.unlink(missing_ok=True)
     return [

@@ -56,14 +56,10 @@ class EpochHistory(pl.Callback):
         self._started = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        distributed = torch.distributed.is_initialized()
-        self.runtime = {
-            "backend": torch.distributed.get_backend() if distributed else "none",
-            "precision": str(trainer.precision),
-            "device": str(module.device),
-            "world_size": trainer.world_size,
-            "torch_threads": torch.get_num_threads(),
-        }
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+        self.runtime = {"backend": backend, "precision": str(trainer.precision)}
+        self.runtime |= {"device": str(module.device), "world_size": trainer.world_size}
+        self.runtime["torch_threads"] = torch.get_num_threads()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._samples = 0

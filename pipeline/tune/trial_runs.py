@@ -1,11 +1,9 @@
 """MLflow: a parent run per search, a child run per trial written live by `TrialRecorder` and
 made to agree with Tune's saved state by `reconcile`: each trial recorded once, across kills.
-
 Not Ray's `MLflowLoggerCallback`, which in Ray 2.60 (ray/air/integrations/mlflow.py:305-340)
 keeps its trial -> run map in memory only (a restored search opens a second run per trial),
 logs at step `training_iteration` (restarts on resume; here step = epoch), logs Tune's config,
-not the params.yaml keys, and knows no parent run nor ASHA's early stops.
-"""
+not the params.yaml keys, and knows no parent run nor ASHA's early stops."""
 
 from __future__ import annotations
 
