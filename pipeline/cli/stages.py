@@ -45,10 +45,13 @@ def train(
     ] = None,
 ) -> None:
     """Train one model on Ray Train workers and export its best checkpoint."""
-    config = load_params(params)  # before the slow import: a bad params file fails at once
+    from pipeline.training.ray_env import preflight
+
+    config, settings = load_params(params), Settings()
+    preflight(config, settings)  # bad params or set-up fail at once, before the slow import
     from pipeline.training.driver import train_model
 
-    outcome = train_model(config, model, Settings(), run_name)
+    outcome = train_model(config, model, settings, run_name)
     spec, file = outcome.spec, outcome.model_file
     log.info(
         "%s: best val/accuracy %.4f at epoch %d -> %s", model, spec.val_accuracy, spec.epoch, file
@@ -65,9 +68,13 @@ def tune(
     ] = None,
 ) -> None:
     """Search hyperparameters (Ray Tune: Optuna + ASHA); write the best as a params file."""
+    from pipeline.training.ray_env import preflight
+
+    config, settings = load_params(params), Settings()
+    preflight(config, settings)
     from pipeline.tune.search import tune_model
 
-    outcome = tune_model(load_params(params), model, Settings(), name)
+    outcome = tune_model(config, model, settings, name)
     log.info(
         "%s: best val/accuracy %.4f (trial %s) of %d trials (%d stopped early, %d failed) "
         "in %.0f s -> %s",

@@ -37,15 +37,13 @@ from pipeline.tracking.model_log import log_model
 from pipeline.tracking.runs import (
     FAILURE_TAG,
     TrackingError,
-    ensure_reachable,
     failure_line,
-    tracking_uri,
     training_run,
     wait_for_tracking,
 )
 from pipeline.training.ray_env import (
-    check_object_store,
     check_storage,
+    preflight,
     ray_session,
     resolve_scaling,
 )
@@ -178,9 +176,7 @@ def train_model(
         raise ValueError(f"run name {run_name!r}: use letters, digits, '.', '_' and '-' only")
     prepared = Path(params.paths.prepared)
     data = open_prepared(prepared)
-    uri = tracking_uri(settings)
-    ensure_reachable(uri)
-    check_object_store(params.train.storage_path)
+    uri = preflight(params, settings)
     with ray_session(settings.ray_address):
         use_gpu = resolve_scaling(params)
         scaling = params.train.scaling

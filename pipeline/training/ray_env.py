@@ -13,8 +13,10 @@ from urllib.parse import urlparse
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipeline.config.env import Settings
 from pipeline.config.params import Params, ParamsError
 from pipeline.data.atomic import is_object_store
+from pipeline.tracking.runs import ensure_reachable, tracking_uri
 
 # glibc malloc settings for the training processes, set where Ray starts them (glibc reads them
 # at process start): freed activations stay in the heap instead of being unmapped and faulted
@@ -111,6 +113,15 @@ def check_object_store(path: str, key: str = "train.storage_path") -> None:
         raise StorageError(
             f"{key}: {path}: the S3 endpoint {where} (AWS_ENDPOINT_URL) is unreachable: {error}"
         ) from None
+
+
+def preflight(params: Params, settings: Settings) -> str:
+    """The tracking URI, once its server takes our credentials and the checkpoint store our
+    keys: the CLI calls it before its slow imports, so bad set-up is told in seconds."""
+    uri = tracking_uri(settings)
+    ensure_reachable(uri)
+    check_object_store(params.train.storage_path)
+    return uri
 
 
 @ray.remote(num_cpus=0)

@@ -23,9 +23,9 @@ from pipeline.config.env import Settings
 from pipeline.config.params import Params, ParamsError
 from pipeline.data.atomic import write_json, write_text
 from pipeline.data.prepared import SplitArrays, open_prepared
-from pipeline.tracking.runs import ensure_reachable, failure_line, tracking_uri
+from pipeline.tracking.runs import failure_line
 from pipeline.training.driver import RUN_NAME
-from pipeline.training.ray_env import check_object_store, ray_session, resolve_scaling
+from pipeline.training.ray_env import preflight, ray_session, resolve_scaling
 from pipeline.training.worker import MONITOR, WorkerData
 from pipeline.tune.space import apply_command, overrides, trial_params, tune_space
 from pipeline.tune.trial import ResumingASHA, TrialSetup, TrialSummary, read_trials, run_trial
@@ -120,9 +120,7 @@ def tune_model(
     if not RUN_NAME.fullmatch(search_name):
         raise ValueError(f"search name {search_name!r}: use letters, digits, '.', '_', '-' only")
     data = open_prepared(Path(params.paths.prepared))
-    uri = tracking_uri(settings)
-    ensure_reachable(uri)
-    check_object_store(params.train.storage_path)
+    uri = preflight(params, settings)
     trial_base = trial_params(params, name)
     train = train_subset(data.load("train"), params.tune.train_limit, params.seed)
     with ray_session(settings.ray_address):
