@@ -92,7 +92,8 @@ def ensure_reachable(uri: str) -> None:
 
 
 def wait_for_tracking(uri: str, budget_s: float) -> None:
-    """Until the tracking server answers again (backing off up to 30 s), at most `budget_s`."""
+    """Until the tracking server answers again, at most `budget_s`; backing off to 5 s between
+    health checks (cheap for the server), so a server back is used within seconds."""
     if not uri.startswith(("http://", "https://")):
         return
     deadline, pause = time.monotonic() + budget_s, 1.0
@@ -112,7 +113,7 @@ def wait_for_tracking(uri: str, budget_s: float) -> None:
             )
         log.warning("MLflow at %s: %s; retrying in %.0f s", uri, problem, min(pause, left))
         time.sleep(min(pause, left))
-        pause = min(pause * 2, 30.0)
+        pause = min(pause * 2, 5.0)
 
 
 def flatten(tree: dict[str, Any]) -> dict[str, str]:

@@ -49,7 +49,13 @@ from pipeline.training.ray_env import (
 )
 from pipeline.training.recorder import RunRecorder
 from pipeline.training.trainer import build_trainer
-from pipeline.training.worker import MONITOR, CheckpointError, WorkerData, verified_checkpoint
+from pipeline.training.worker import (
+    MONITOR,
+    CheckpointError,
+    WorkerData,
+    checkpoint_history,
+    verified_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +89,23 @@ def history_csv(history: list[dict[str, float]]) -> str:
     return buffer.getvalue()
 
 
-def resume_epoch(run_path: str) -> int:
-    """The first epoch a resumed run trains: one past its latest committed checkpoint's."""
+def resume_point(run_path: str) -> tuple[int, list[dict[str, float]]]:
+    """The first epoch a resumed run trains (one past its latest committed checkpoint's) and
+    the history that checkpoint holds."""
     try:
         result = Result.from_path(run_path)
     except RuntimeError:  # no folder, or no checkpoint committed yet
-        return 0
+        return 0, []
     except Exception as error:  # Ray's (internal) error for a damaged run snapshot
         raise CheckpointError(
             f"the checkpoints of {run_path} cannot be read ({error}); start a new run "
             "(another --run-name) or remove that folder"
         ) from None
     if result.checkpoint is None:
-        return 0
+        return 0, []
     with result.checkpoint.as_directory() as folder:
-        return verified_checkpoint(Path(folder))[1] + 1
+        path, epoch = verified_checkpoint(Path(folder))
+        return epoch + 1, checkpoint_history(path)
 
 
 def describe_failure(
@@ -193,7 +201,10 @@ def train_model(
             # One Ray run folder per MLflow run: a new MLflow run never picks up old checkpoints.
             ray_name = f"{run_name}-{run.run_id}"
             if run.resumed:
-                start = resume_epoch(f"{storage.rstrip('/')}/{ray_name}")
+                start, committed = resume_point(f"{storage.rstrip('/')}/{ray_name}")
+                # Epochs Ray committed just before the last driver died, unlogged by then: now,
+                # before the next ones, so that the run's steps stay in order.
+                log_new_epochs(MlflowClient(uri), run.run_id, committed)
                 log.info(
                     "resuming run %s (MLflow run %s) from epoch %d", run_name, run.run_id, start
                 )

@@ -125,6 +125,12 @@ def verified_checkpoint(folder: Path) -> tuple[Path, int]:
     return path, epoch
 
 
+def checkpoint_history(path: Path) -> list[dict[str, float]]:
+    """The epoch rows a Lightning checkpoint file holds (`EpochHistory`'s state)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return list(payload["callbacks"][EpochHistory(0).state_key]["rows"])
+
+
 @dataclass(frozen=True)
 class WorkerData:
     """The splits in Ray's object store, handed over as a reference (`share`): the controller

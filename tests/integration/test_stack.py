@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import yaml
 
 from pipeline.models.artifact import load_model
 from pipeline.tracking.runs import RESUMES_TAG
+from pipeline.training.ray_env import LOCAL_RAY_TRAIN_ENV, TRAINING_ENV
+from testkit.cluster import ray_cluster
 from testkit.processes import clean_env, free_port
 from testkit.stack import Stack
 from tests.conftest import SMALL, Registry, raw_params, register_model, with_overrides
@@ -171,36 +174,30 @@ def _profile(tmp_path: Path, data_root: Path, run_name: str) -> Path:
     )
 
 
-def test_training_tracks_into_mlflow_and_checkpoints_into_the_bucket(
-    stack: Stack, data_root: Path, tmp_path: Path
-) -> None:
-    params = _profile(tmp_path, data_root, "plain")
-    done = _train(params, stack.env(), "--run-name", "plain")
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    run = _the_run(stack, "plain")
-    assert run.info.status == "FINISHED"
-    assert _steps(stack, run.info.run_id) == ALL_EPOCHS
-    # The artifacts went through MLflow's proxy into its bucket, the checkpoints into the other.
-    artifacts = stack.s3.keys("mlflow-artifacts")
-    assert any(k.endswith("MLmodel") for k in artifacts), artifacts[:20]
-    assert any(run.info.run_id in k for k in artifacts)
-    checkpoints = stack.s3.keys("mnist-dvc", f"ray/plain/plain-{run.info.run_id}/")
-    assert any(k.endswith("checkpoint.ckpt") for k in checkpoints), checkpoints
-    assert (tmp_path / "models" / "mlp" / "model.pt").is_file()
+@pytest.fixture(scope="module")
+def on_cluster(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A training's environment on the token-auth Ray cluster (RAY_ADDRESS), whose nodes hold
+    the stack's keys and the training settings, as a deployment's do: one Ray for the module's
+    trainings, not a local one started by each."""
+    nodes = stack.env() | TRAINING_ENV | LOCAL_RAY_TRAIN_ENV
+    with ray_cluster(tmp_path_factory.mktemp("stack-ray"), **nodes) as cluster:
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token}
+        yield stack.env() | auth | {"RAY_ADDRESS": cluster.gcs}
 
 
 def test_mlflow_killed_mid_training_and_back_30_s_later_loses_nothing(
-    stack: Stack, data_root: Path, tmp_path: Path
+    stack: Stack, on_cluster: dict[str, str], data_root: Path, tmp_path: Path
 ) -> None:
     params = _profile(tmp_path, data_root, "outage")
     log = tmp_path / "train.log"
-    process = _start(params, stack.env(), "outage", log)
+    process = _start(params, on_cluster, "outage", log)
     _wait_for_line(log, f"epoch 2/{EPOCHS}", process, 300)
     stack.mlflow.server.stop(signal.SIGKILL)
     killed = time.monotonic()
     try:
         time.sleep(30)
+        # The workers went on without MLflow: by its return every epoch has trained.
+        trained = re.findall(rf"epoch (\d+)/{EPOCHS} ", log.read_text(errors="replace"))
     finally:
         stack.mlflow.server.start()
     outage_s = time.monotonic() - killed
@@ -208,19 +205,27 @@ def test_mlflow_killed_mid_training_and_back_30_s_later_loses_nothing(
 
     assert process.returncode == 0, output[-3000:]
     assert outage_s >= 30
+    print(f"\nMLflow down {outage_s:.0f} s; epochs trained by then: {sorted(set(trained))}")
+    assert sorted({int(epoch) for epoch in trained}) == list(range(1, EPOCHS + 1))
     run = _the_run(stack, "outage")
     assert run.info.status == "FINISHED"
     assert _steps(stack, run.info.run_id) == ALL_EPOCHS, "every epoch once, in order"
     assert run.data.tags["model_uri"].startswith("models:/")
     assert (tmp_path / "models" / "mlp" / "model.pt").is_file()
+    # The artifacts went through MLflow's proxy into its bucket, the checkpoints into the other.
+    artifacts = stack.s3.keys("mlflow-artifacts")
+    assert any(k.endswith("MLmodel") for k in artifacts), artifacts[:20]
+    assert any(run.info.run_id in k for k in artifacts)
+    checkpoints = stack.s3.keys("mnist-dvc", f"ray/outage/outage-{run.info.run_id}/")
+    assert any(k.endswith("checkpoint.ckpt") for k in checkpoints), checkpoints
 
 
 def test_mlflow_still_down_when_training_ends_fails_clearly_and_the_rerun_finishes(
-    stack: Stack, data_root: Path, tmp_path: Path
+    stack: Stack, on_cluster: dict[str, str], data_root: Path, tmp_path: Path
 ) -> None:
     params = _profile(tmp_path, data_root, "down")
     log = tmp_path / "train.log"
-    env = stack.env() | {"TRACKING_WAIT_S": "5"}
+    env = on_cluster | {"TRACKING_WAIT_S": "5"}
     process = _start(params, env, "down", log)
     _wait_for_line(log, f"epoch 2/{EPOCHS}", process, 300)
     stack.mlflow.server.stop(signal.SIGKILL)
@@ -237,7 +242,7 @@ def test_mlflow_still_down_when_training_ends_fails_clearly_and_the_rerun_finish
     assert not (tmp_path / "models").exists(), "nothing exported while MLflow is down"
     assert stack.s3.keys("mnist-dvc", "ray/down/"), "the checkpoints stay"
 
-    again = _train(params, stack.env(), "--run-name", "down")
+    again = _train(params, on_cluster, "--run-name", "down")
     assert again.returncode == 0, again.stderr[-3000:]
     run = _the_run(stack, "down")
     assert run.info.status == "FINISHED"
@@ -246,11 +251,11 @@ def test_mlflow_still_down_when_training_ends_fails_clearly_and_the_rerun_finish
 
 
 def test_postgresql_restarted_mid_training_loses_nothing(
-    stack: Stack, data_root: Path, tmp_path: Path
+    stack: Stack, on_cluster: dict[str, str], data_root: Path, tmp_path: Path
 ) -> None:
     params = _profile(tmp_path, data_root, "pg")
     log = tmp_path / "train.log"
-    process = _start(params, stack.env(), "pg", log)
+    process = _start(params, on_cluster, "pg", log)
     _wait_for_line(log, f"epoch 2/{EPOCHS}", process, 300)
     stack.postgres.stop("immediate")
     try:
@@ -330,6 +335,7 @@ def _digits(url: str, images: np.ndarray) -> list[int]:
 
 
 def _serve(stack: Stack, root: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    root.mkdir(exist_ok=True)
     port = free_port()
     env = clean_env(
         **stack.mlflow.env(stack.mlflow.serving),
@@ -361,27 +367,36 @@ def _until(check: Any, timeout_s: float, what: str, log: Path | None = None) -> 
     return time.monotonic() - started
 
 
-def test_serving_pulls_from_the_stack_and_outlives_an_mlflow_outage(
+def test_serving_outlives_an_mlflow_outage_and_one_started_during_it_waits(
     stack: Stack, registry: Registry, tmp_path: Path
 ) -> None:
+    """One outage, two services: one serving when MLflow goes down, one started while it is."""
     from pipeline.data.prepared import open_prepared
 
     test = open_prepared(Path(registry.params.paths.prepared)).load("test")
     images, labels = test.images[:200].astype(np.float32) / 255.0, test.labels[:200]
     first = _register(stack, registry)
-    process, url = _serve(stack, tmp_path, tmp_path / "serve.log")
+    up, url = _serve(stack, tmp_path / "up", tmp_path / "up.log")
+    late: subprocess.Popen[bytes] | None = None
     try:
-        _until(lambda: _status(url, "/health/ready") == 200, 180, "ready", tmp_path / "serve.log")
+        _until(lambda: _status(url, "/health/ready") == 200, 180, "ready", tmp_path / "up.log")
         assert np.mean(np.array(_digits(url, images)) == labels) > 0.9
 
         stack.mlflow.server.stop(signal.SIGKILL)
         try:
+            late, late_url = _serve(stack, tmp_path / "late", tmp_path / "late.log")
             time.sleep(3)  # a few polls fail
             assert _status(url, "/health/ready") == 200
             assert httpx.get(f"{url}/v1/model").json()["version"] == first
             assert np.mean(np.array(_digits(url, images)) == labels) > 0.9
+            # Started while MLflow is down: live, not ready, no crash.
+            _until(lambda: _status(late_url, "/health/live") == 200, 120, "live")
+            time.sleep(5)
+            assert _status(late_url, "/health/ready") == 503
+            assert late.poll() is None, "no crash while MLflow is down"
         finally:
             stack.mlflow.server.start()
+        _until(lambda: _status(late_url, "/health/ready") == 200, 120, "ready once MLflow is back")
         second = _register(stack, registry)
         _until(
             lambda: httpx.get(f"{url}/v1/model").json()["version"] == second,
@@ -389,28 +404,10 @@ def test_serving_pulls_from_the_stack_and_outlives_an_mlflow_outage(
             "the new champion served after MLflow came back",
         )
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-
-
-def test_serving_started_while_mlflow_is_down_waits_until_it_is_back(
-    stack: Stack, registry: Registry, tmp_path: Path
-) -> None:
-    _register(stack, registry)
-    stack.mlflow.server.stop(signal.SIGKILL)
-    process, url = _serve(stack, tmp_path, tmp_path / "serve.log")
-    try:
-        try:
-            _until(lambda: _status(url, "/health/live") == 200, 120, "live")
-            time.sleep(5)
-            assert _status(url, "/health/ready") == 503
-            assert process.poll() is None, "no crash while MLflow is down"
-        finally:
-            stack.mlflow.server.start()
-        _until(lambda: _status(url, "/health/ready") == 200, 120, "ready once MLflow is back")
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        for process in (up, late):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
 
 
 def test_mlflow_models_serve_answers_with_the_serving_credentials(
@@ -445,11 +442,11 @@ def test_mlflow_models_serve_answers_with_the_serving_credentials(
 
 
 def test_s3_down_while_checkpointing_fails_clearly_and_the_rerun_resumes(
-    stack: Stack, data_root: Path, tmp_path: Path
+    stack: Stack, on_cluster: dict[str, str], data_root: Path, tmp_path: Path
 ) -> None:
     params = _profile(tmp_path, data_root, "s3down")
     log = tmp_path / "first.log"
-    process = _start(params, stack.env(), "s3down", log)
+    process = _start(params, on_cluster, "s3down", log)
     _wait_for_line(log, f"epoch 2/{EPOCHS}", process, 300)
     stack.s3.server.stop(signal.SIGKILL)
     try:
@@ -462,7 +459,7 @@ def test_s3_down_while_checkpointing_fails_clearly_and_the_rerun_resumes(
         assert len(errors) == 1, output[-3000:]
         assert "bucket 'mnist-dvc'" in errors[0], errors
         assert not (tmp_path / "models").exists()
-    again = _train(params, stack.env(), "--run-name", "s3down")
+    again = _train(params, on_cluster, "--run-name", "s3down")
     assert again.returncode == 0, again.stderr[-3000:]
     run = _the_run(stack, "s3down")
     assert run.info.status == "FINISHED"
