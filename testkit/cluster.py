@@ -151,8 +151,10 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     """`ray stop` would stop every Ray on the machine; this stops only this node."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
+    # A head's `ray start --block` can wait 30 s and more on its children; they hold nothing
+    # a test needs, so a short grace is enough.
     with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=30)
+        process.wait(timeout=5)
     # Whatever outlived the orderly stop (a daemon whose parent died first).
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)

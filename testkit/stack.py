@@ -100,12 +100,12 @@ class Server:
         except OSError:
             return False
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 45) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, sig)
         try:
-            self.process.wait(timeout=45)  # weed takes about 30 s to stop cleanly
+            self.process.wait(timeout=timeout_s)  # weed can take 30 s to stop cleanly
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
@@ -383,7 +383,8 @@ def running_stack(root: Path) -> Iterator[Stack]:
         create_users(mlflow)
         yield stack
     finally:
+        # Scratch servers: nothing of theirs outlives the block, so no clean stop is waited for.
         if stack is not None:
-            stack.mlflow.server.stop()
-        s3.server.stop()
+            stack.mlflow.server.stop(timeout_s=5)
+        s3.server.stop(signal.SIGKILL)
         postgres.remove()

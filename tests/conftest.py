@@ -68,7 +68,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--workers", "2",
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    with running(command, f"{url}/health", root / "server.log"):
+    # As infra/mlflow/entrypoint.sh: no server-side job runner (seven more processes).
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with running(command, f"{url}/health", root / "server.log", env):
         yield url
 
 

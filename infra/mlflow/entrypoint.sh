@@ -17,6 +17,7 @@
 #   MLFLOW_ALLOWED_HOSTS             Host headers to accept (comma-separated; `*` is refused)
 #   MLFLOW_CORS_ALLOWED_ORIGINS      optional
 #   MLFLOW_HOST, MLFLOW_PORT, MLFLOW_WORKERS   default: 0.0.0.0 (inside the container), 5000, 2
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION   default: false (the pipeline runs no server-side jobs)
 #   MLFLOW_AUTH_CONFIG_PATH          where the configuration is written (default under $TMPDIR)
 #   MLFLOW_ENTRYPOINT_DRY_RUN=1      check and write the configuration, print the command, exit 0
 # Extra arguments are passed on to `mlflow server`.
@@ -107,6 +108,9 @@ with open(target, "w", encoding="utf-8") as sink:
     sink.write(text)
 PY
 export MLFLOW_AUTH_CONFIG_PATH="$config"
+# MLflow's server-side jobs (GenAI evaluation, prompt optimisation) are not used here; they
+# would start seven more Python processes beside the server.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 # The file is now the one source of the admin credentials (MLflow prefers these variables).
 unset MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_AUTH_ADMIN_PASSWORD_FILE MLFLOW_AUTH_ADMIN_USERNAME
 unset MLFLOW_FLASK_SERVER_SECRET_KEY_FILE

@@ -124,9 +124,12 @@ printf '{"identities":[%s,%s]}\n' \
 # The identities file is now the one place of the keys.
 unset S3_ADMIN_SECRET_KEY S3_APP_SECRET_KEY S3_ADMIN_SECRET_KEY_FILE S3_APP_SECRET_KEY_FILE
 
+# One master, one volume server: a restarted master need not wait 10 s for peers to elect it,
+# and a stopping volume server has no other server to send its clients to.
 set -- weed server \
   -dir="$data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
   -master.port="$master" -master.port.grpc=$((master + 10000)) -master.volumeSizeLimitMB=256 \
+  -master.electionTimeout=2s -volume.preStopSeconds=1 \
   -volume.port="$volume" -volume.port.grpc=$((volume + 10000)) -volume.max=0 \
   -filer.port="$filer" -filer.port.grpc=$((filer + 10000)) \
   -s3 -s3.ip.bind="$host" -s3.port="$s3" -s3.port.grpc=$((s3 + 10000)) -s3.config="$config" \

@@ -1,12 +1,14 @@
-"""A run's per-epoch metrics and restart count; light on purpose (MLflow's client only): Ray
-Train's controller imports it before the workers start (bench/README.md, fixed overhead)."""
+"""A run's per-epoch metrics and restart count; light on purpose: Ray Train's controller
+imports it before the workers start (bench/README.md, fixed overhead), and the workers, which
+need only the metric names, do not import MLflow at all."""
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 RESTARTS_TAG = "ray.restarts"
 EPOCH_METRICS = ("train/loss", "val/loss", "val/accuracy")
@@ -29,6 +31,8 @@ def logged_history(client: MlflowClient, run_id: str) -> list[dict[str, float]]:
 
 def log_new_epochs(client: MlflowClient, run_id: str, rows: list[dict[str, float]]) -> None:
     """Each row's metrics at step = its epoch, but for epochs the run has: no step twice."""
+    from mlflow.entities import Metric  # here: the workers import this module, not MLflow
+
     done = logged_epochs(client, run_id)
     now = int(time.time() * 1000)
     keys = (*EPOCH_METRICS, EPOCH_SECONDS)

@@ -999,7 +999,9 @@ def test_mlflow_entrypoint_writes_the_auth_config_and_starts_the_basic_auth_serv
         "admin_password": GOOD_MLFLOW_ENV["MLFLOW_AUTH_ADMIN_PASSWORD"],
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
         "grant_default_workspace_access": "false",
+        "auth_cache_ttl_seconds": "60",
     }
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false", "no server-side job runner"
 
 
 def test_mlflow_entrypoint_reads_secrets_from_files_and_masks_uris_in_a_dry_run(
