@@ -128,17 +128,25 @@ def stage_params(params: Params, name: ModelName) -> dict[str, str]:
     return flatten({"seed": dumped["seed"], "prepare": dumped["prepare"], "train": train})
 
 
+# The MLflow UI opens an experiment of this kind on its runs, not on the GenAI overview.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows as a run's description
+
+
 def ensure_experiment(uri: str, name: str) -> None:
-    """Create the experiment if missing; a SQLite store's artifacts beside it, not in ./mlruns
-    of whatever the working directory is."""
+    """Create the experiment if missing (of our kind); a SQLite store's artifacts beside it,
+    not in ./mlruns of whatever the working directory is."""
     client = MlflowClient(uri)
-    if client.get_experiment_by_name(name) is not None:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if KIND_TAG not in found.tags:  # made before experiments were tagged
+            client.set_experiment_tag(found.experiment_id, KIND_TAG, KIND)
         return
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
     try:
-        client.create_experiment(name, artifact_location=location)
+        client.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
     except MlflowException as error:  # created meanwhile by a concurrent run
         if "already exists" not in str(error).lower():
             raise

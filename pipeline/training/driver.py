@@ -35,6 +35,7 @@ from pipeline.tracking.epochs import log_new_epochs, logged_epochs
 from pipeline.tracking.figures import log_training_curves
 from pipeline.tracking.model_log import log_model
 from pipeline.tracking.runs import (
+    DESCRIPTION_TAG,
     FAILURE_TAG,
     TrackingError,
     failure_line,
@@ -168,7 +169,13 @@ def _export(
     mlflow.log_metrics({"best/val_accuracy": spec.val_accuracy, "best/epoch": epoch})
     example = data.load("val").images[:2].astype(np.float32) / 255.0
     log_training_curves(history, name)
-    mlflow.set_tag("model_uri", log_model(net, example, spec.model_dump(mode="json")))
+    model_uri = log_model(net, example, spec.model_dump(mode="json"))
+    epochs = params.train.model(name).epochs
+    description = (
+        f"{name}: best val/accuracy {accuracy:.4f} at epoch {epoch} (of 0-{epochs - 1}), "
+        f"prepared data {data.digest}; logged as {model_uri}"
+    )
+    mlflow.set_tags({"model_uri": model_uri, DESCRIPTION_TAG: description})
     model_file = save_model(Path(params.paths.models) / name, net, spec)
     write_text(Path(params.paths.plots) / name / "history.csv", history_csv(history))
     return TrainOutcome(model_file, spec, history, returned["runtime"], result.path)
@@ -219,7 +226,7 @@ def train_model(
                 epoch = max(logged_epochs(MlflowClient(uri), run.run_id), default=-1) + 1
                 epochs, budget = params.train.model(name).epochs, params.train.max_failures
                 message = describe_failure(error, name, epoch, epochs, budget)
-                mlflow.set_tag(FAILURE_TAG, message)
+                mlflow.set_tags({FAILURE_TAG: message, DESCRIPTION_TAG: f"failed: {message}"})
                 raise TrainingError(message) from None
             try:
                 wait_for_tracking(uri, settings.tracking_wait_s)

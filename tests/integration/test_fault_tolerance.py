@@ -34,7 +34,7 @@ from pipeline.config.params import Params, parse_params
 from pipeline.data import prepare
 from pipeline.models.artifact import load_model
 from pipeline.tracking.epochs import EPOCH_METRICS, RESTARTS_TAG
-from pipeline.tracking.runs import FAILURE_TAG, RESUMES_TAG, RUN_NAME_PARAM
+from pipeline.tracking.runs import DESCRIPTION_TAG, FAILURE_TAG, RESUMES_TAG, RUN_NAME_PARAM
 from pipeline.training.driver import TrainOutcome, train_model
 from tests.conftest import OUTPUT_PATHS, SMALL, copy_repo, raw_params, with_overrides
 
@@ -338,6 +338,7 @@ def test_worker_failure_beyond_the_budget_fails_clearly_and_leaves_nothing(
     assert run is not None
     assert run.info.status == "FAILED"
     assert errors[0].removeprefix("error: ") == run.data.tags[FAILURE_TAG]
+    assert run.data.tags[DESCRIPTION_TAG] == f"failed: {run.data.tags[FAILURE_TAG]}"
     assert run.data.tags[RESTARTS_TAG] == "0"
     assert not (tmp_path / "models").exists()
     assert not (tmp_path / "plots").exists()

@@ -39,7 +39,7 @@ from pipeline.registry.versions import (
     rollback,
 )
 from pipeline.tracking.manifest import MANIFEST_TAG
-from pipeline.tracking.runs import TrackingError
+from pipeline.tracking.runs import DESCRIPTION_TAG, KIND_TAG, TrackingError
 from pipeline.training.driver import TrainOutcome, train_model
 from tests.conftest import free_port, running, small_params
 
@@ -83,6 +83,8 @@ def test_one_run_per_model_with_epochs_lineage_and_artifacts(trained: Trained) -
     client = _client(trained)
     experiment = client.get_experiment_by_name("test-tracking")
     assert experiment is not None
+    # The UI opens it on its runs, not on the GenAI overview.
+    assert experiment.tags[KIND_TAG] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(run.data.tags["model_type"] for run in runs) == ["cnn", "mlp"]
     prepared = Path(trained.params.paths.prepared)
@@ -101,6 +103,11 @@ def test_one_run_per_model_with_epochs_lineage_and_artifacts(trained: Trained) -
         assert run.data.params["ray.num_workers"] == "2"
         assert run.data.params["ray.cpus_per_worker"] == "1"
         assert run.data.tags["git_commit"] != ""
+        spec = trained.outcomes[name].spec
+        description = run.data.tags[DESCRIPTION_TAG]
+        assert description.startswith(f"{name}: best val/accuracy {spec.val_accuracy:.4f} ")
+        assert f"at epoch {spec.epoch} " in description
+        assert run.data.tags["model_uri"] in description
         (dataset,) = run.inputs.dataset_inputs
         assert dataset.dataset.digest == dvc_hash(prepared)
         assert str(prepared.resolve()) in dataset.dataset.source
