@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pipeline.models.artifact import load_model
-from pipeline.tracking.runs import RESUMES_TAG
+from pipeline.tracking.runs import RESUMES_TAG, RUN_NAME_PARAM
 from pipeline.training.ray_env import LOCAL_RAY_TRAIN_ENV, TRAINING_ENV
 from testkit.cluster import ray_cluster
 from testkit.processes import clean_env, free_port
@@ -154,8 +154,12 @@ def _finish(process: subprocess.Popen[str], log: Path, timeout_s: float = 600) -
     return log.read_text(errors="replace")
 
 
+def _runs_named(stack: Stack, run_name: str) -> list[Any]:
+    return [r for r in _runs(stack) if r.data.params.get(RUN_NAME_PARAM) == run_name]
+
+
 def _the_run(stack: Stack, run_name: str) -> Any:
-    runs = [r for r in _runs(stack) if r.data.params.get("ray.run_name") == run_name]
+    runs = _runs_named(stack, run_name)
     assert len(runs) == 1, [r.info.run_id for r in runs]
     return runs[0]
 
@@ -168,7 +172,7 @@ def _steps(stack: Stack, run_id: str, key: str = "val/accuracy") -> list[int]:
 
 def _logged_steps(stack: Stack, run_name: str) -> list[int]:
     """The steps logged so far by the run trained as `run_name` (none before it exists)."""
-    runs = [r for r in _runs(stack) if r.data.params.get("ray.run_name") == run_name]
+    runs = _runs_named(stack, run_name)
     return _steps(stack, runs[0].info.run_id) if runs else []
 
 
